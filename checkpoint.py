@@ -1,0 +1,89 @@
+"""Checkpoints that survive crashes: atomic writes, and loads that explain what is wrong.
+
+A checkpoint is one file, written by training.py, holding everything needed to continue a run
+or to sample from it:
+    format        CHECKPOINT_FORMAT
+    config        the resolved training configuration (plain values; `model_config` rebuilds the UNet)
+    model, ema    state dicts of the plain (never compiled or DDP-wrapped) model and of its EMA
+    optimizer     the AdamW state
+    epoch         the epoch in progress (0-based); batch_in_epoch batches of it are done
+    step          optimizer steps taken so far
+    rng           random number generator states
+    loss_sum, loss_count   the running loss of the epoch in progress
+Loading uses torch.load(weights_only=True), so a file can never run code when it is read.
+"""
+import os
+import pickle
+import tempfile
+import warnings
+
+import torch
+
+CHECKPOINT_FORMAT = "ddpm-checkpoint-v1"
+REQUIRED_KEYS = ("format", "config", "model", "ema", "optimizer", "epoch", "batch_in_epoch", "step")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be read or written; the message is one sentence for the user."""
+
+
+def save_checkpoint(state, path):
+    """Write `state` to `path` atomically: a temporary file in the same folder, flushed and fsynced,
+    then renamed over the old checkpoint.  On any failure the old file is untouched and the
+    temporary file is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)          # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError, pickle.PicklingError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise CheckpointError(f"could not write the checkpoint {path} ({reason}); "
+                              f"the previous checkpoint, if any, is unchanged") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint written by training.py, or raise CheckpointError saying why it cannot be used."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"there is no checkpoint at {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"the checkpoint {path} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():      # torch warns about what it refuses; the error below says it once
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, so it was not "
+                              f"loaded (it is not a checkpoint of this repository, and loading it could run code)") from None
+    except Exception as e:    # a damaged or foreign file fails in many ways (RuntimeError, EOFError, IndexError, ...)
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or "
+                              f"another kind of file ({type(e).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint written by this repository's training.py")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"the checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
+    wrong = [k for k in ("config", "model", "ema", "optimizer") if not isinstance(state[k], dict)]
+    if wrong:
+        raise CheckpointError(f"the checkpoint {path} is damaged: {', '.join(wrong)} should be a dictionary")
+    return state
+
+
+def all_finite(state_dict):
+    """True when every floating-point tensor in a state dict is finite."""
+    return all(torch.isfinite(v).all() for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())

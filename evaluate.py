@@ -1,0 +1,513 @@
+"""Measure sample quality: FID against the real test split, and what a classifier makes of the samples.
+
+    python evaluate.py                                                  # 1000 samples from default/ddpm_ckpt.pth, all T steps
+    python evaluate.py --sampler ddim --steps 50 --num-samples 10000   # any of sampling.py's samplers and options
+    python evaluate.py --samples default/samples/individual --dataset mnist   # score a folder of PNGs instead
+    python evaluate.py --json                                           # one JSON object on stdout
+
+FID (Heusel et al., 2017) is the Frechet distance between Gaussians fitted to features of real and
+of generated images:  ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),  lower is better.
+
+Features.  For small grayscale images (MNIST, Fashion-MNIST): the 128-d penultimate layer of a small
+CNN that this script trains on the dataset's own training split the first time (a few minutes on a
+CPU) and caches, as is common for MNIST.  For colour images: Inception-v3 with torchvision's
+ImageNet weights when they can be loaded, else the same self-trained classifier.  Every FID printed
+names its features.  The classifier also reports its confidence on the samples, how evenly they
+cover the classes, and, for a conditional model, how often it agrees with the requested label.
+
+The reference statistics cover the whole test split; they and the classifier are cached in the data
+folder (--cache-dir) and rebuilt when the data changes.  The real-vs-real floor scores as many
+training images as there are samples against the same statistics: about what a perfect model would get.
+"""
+import argparse
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, all_finite, load_checkpoint
+from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
+from sampling import DEFAULT_GUIDANCE, build_from_checkpoint, positive_int, sample
+from unet import autocast, pick_device, resolve_precision
+
+CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are then retrained
+FEATURE_DIM = 128
+CLASSIFIER_BATCH, CLASSIFIER_LR = 128, 5e-3
+SEED = 0                    # classifier training and the real-vs-real slice
+
+
+class EvalError(Exception):
+    """Something the user has to fix; the message is one sentence."""
+
+
+# ---- Frechet distance ----------------------------------------------------------------------------
+def gaussian_stats(features):
+    """Mean (d,) and unbiased covariance (d, d) of features (N, d), in float64."""
+    x = torch.as_tensor(features, dtype=torch.float64)
+    assert x.ndim == 2 and x.shape[0] >= 2, f"need at least 2 feature vectors, got shape {tuple(x.shape)}"
+    mu = x.mean(0)
+    centered = x - mu
+    return mu, centered.T @ centered / (x.shape[0] - 1)
+
+
+def sqrtm_psd(matrix):
+    """The symmetric square root of a symmetric positive semi-definite matrix, from its eigendecomposition."""
+    values, vectors = torch.linalg.eigh(matrix)
+    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(mu1, cov1, mu2, cov2):
+    """||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^(1/2)), in float64.
+
+    S1 S2 is not symmetric, but it is similar to M = S1^(1/2) S2 S1^(1/2), which is symmetric and
+    positive semi-definite: Tr((S1 S2)^(1/2)) is the sum of the square roots of M's eigenvalues.
+    Two symmetric eigendecompositions, exact and stable even for singular covariances.
+    """
+    mu1, cov1, mu2, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, cov1, mu2, cov2))
+    root1 = sqrtm_psd(cov1)
+    middle = root1 @ cov2 @ root1
+    middle = (middle + middle.T) / 2                                  # symmetric up to rounding
+    trace_sqrt = torch.linalg.eigvalsh(middle).clamp(min=0).sqrt().sum()
+    diff = mu1 - mu2
+    return max(0.0, float(diff @ diff + cov1.trace() + cov2.trace() - 2 * trace_sqrt))
+
+
+# ---- feature networks ----------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """A small CNN for 28x28 (or so) images: three 3x3 conv layers with BatchNorm, a 128-d penultimate
+    layer (the FID features) and the class logits."""
+
+    def __init__(self, in_channels, num_classes, feature_dim=FEATURE_DIM):
+        super().__init__()
+
+        def conv(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *conv(in_channels, 32), nn.MaxPool2d(2),                                  # 28 -> 14
+            *conv(32, 64), nn.MaxPool2d(2),                                           # 14 -> 7
+            *conv(64, 128), nn.AdaptiveAvgPool2d(3),                                  # 7 -> 3
+            nn.Flatten(), nn.Linear(128 * 3 * 3, feature_dim), nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x):                  # x (B, C, H, W) in [-1, 1] -> features (B, 128), logits (B, classes)
+        features = self.body(x)
+        return features, self.head(features)
+
+
+class InceptionFeatures(nn.Module):
+    """Inception-v3's 2048-d pool features of images in [-1, 1] (the input range of its ported weights):
+    resized to 299x299 (bilinear), grayscale repeated to three channels."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        if x.shape[1] == 1:
+            x = x.repeat(1, 3, 1, 1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x), None
+
+
+@dataclasses.dataclass
+class Features:
+    """A feature network and how it is named: in every FID printed, and in the statistics cache."""
+    network: nn.Module      # forward(x in [-1, 1]) -> (features (B, d), class logits (B, K) or None)
+    name: str               # "self-trained mnist classifier, 128-d"
+    tag: str                # part of the statistics cache's file name
+    key: str                # changes whenever the network's weights do
+    batch_size: int
+
+
+def load_inception(device):
+    """Inception-v3 with torchvision's ImageNet weights (downloaded once), or raise EvalError saying why not."""
+    from torchvision.models import Inception_V3_Weights, inception_v3
+    weights = Inception_V3_Weights.IMAGENET1K_V1
+    try:   # transform_input=False: our images are already in [-1, 1], the range the weights expect
+        with contextlib.redirect_stdout(sys.stderr):        # torch.hub prints "Downloading ..." on stdout
+            net = inception_v3(weights=weights, transform_input=False)
+    except Exception as e:   # no internet: URLError; a broken file: RuntimeError; ...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvalError(f"the Inception-v3 weights ({os.path.basename(weights.url)}) are not in "
+                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} and could not be downloaded ({reason})") from None
+    net.fc = nn.Identity()                                             # keep the 2048-d pool features
+    return Features(InceptionFeatures(net).to(device).eval(), "Inception-v3, ImageNet weights from torchvision, 2048-d",
+                    "inception", "torchvision inception_v3 IMAGENET1K_V1", batch_size=50)
+
+
+def choose_features(channels, image_size, wanted, classifier, device, log):
+    """The FID features for images of this shape.  'auto': the self-trained classifier for small
+    grayscale images (as is common for MNIST); Inception-v3 for the others when its weights load,
+    else the classifier (with a note).  `classifier` is the classifier's Features."""
+    if wanted == "classifier" or (wanted == "auto" and channels == 1 and image_size <= 32):
+        return classifier
+    try:
+        return load_inception(device)
+    except EvalError as e:
+        if wanted == "inception":
+            raise
+        log(f"note: {e}; using the self-trained classifier's features instead (such FIDs compare only with "
+            f"FIDs from the same features)")
+        return classifier
+
+
+@torch.no_grad()
+def extract(network, images, device, batch_size):
+    """Features (N, d) in float64 and class probabilities (N, K) (None without a classifier head) of
+    uint8 images (N, C, H, W): the network in eval mode, batched, in float32."""
+    network.eval()
+    features, probs = [], []
+    for first in range(0, len(images), batch_size):
+        x = to_model_range(images[first:first + batch_size]).to(device)
+        f, logits = network(x)
+        features.append(f.double().cpu())
+        if logits is not None:
+            probs.append(logits.float().softmax(1).cpu())
+    return torch.cat(features), (torch.cat(probs) if probs else None)
+
+
+# ---- the classifier: trained once, cached ----------------------------------------------------------
+def train_classifier(images, labels, device, epochs):
+    """Train the classifier on uint8 images (N, C, H, W), batched from memory like training.py, with a
+    fixed seed, Adam and a cosine learning-rate decay, in bf16 autocast where the device supports it."""
+    torch.manual_seed(SEED)
+    model = Classifier(images.shape[1], int(labels.max()) + 1).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=CLASSIFIER_LR)
+    precision = resolve_precision("auto", device)
+    generator = torch.Generator().manual_seed(SEED)
+    total_steps, step = epochs * math.ceil(len(images) / CLASSIFIER_BATCH), 0
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for first in range(0, len(images), CLASSIFIER_BATCH):
+            idx = order[first:first + CLASSIFIER_BATCH]
+            x, y = to_model_range(images[idx]).to(device), labels[idx].to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = CLASSIFIER_LR * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            with autocast(device, precision):
+                _, logits = model(x)
+            loss = F.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return model.eval()
+
+
+def fingerprint(*tensors):
+    """A short hash of tensors' shapes, dtypes and bytes: it changes whenever the data does."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)} {t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def read_cache(path, key):
+    """(contents, None) if the cache file at `path` was made for `key`, else (None, why it cannot be used)."""
+    if not os.path.exists(path):
+        return None, "none is cached yet"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None, f"the cache {path} is unreadable"
+    cached_key = state.get("key", {}) if isinstance(state, dict) else {}
+    stale = [name for name, value in key.items() if cached_key.get(name) != value]
+    if stale:
+        return None, f"the {' and the '.join(stale)} changed since it was cached"
+    return state, None
+
+
+def write_cache(path, state, log):
+    """Save atomically (a temporary file, then a rename); a cache that cannot be written is only a note."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        log(f"note: could not write the cache {path} ({reason}); it will be rebuilt next time")
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def get_classifier(dataset, train, test, cache_dir, epochs, device, log):
+    """The classifier's Features: the cached classifier if it was trained on exactly this training data
+    with this recipe, else a newly trained one (then cached); and its accuracy on the test split."""
+    images, labels = train
+    key = {"classifier version": CLASSIFIER_VERSION, "training data": fingerprint(images, labels),
+           "number of training epochs": epochs}
+    path = os.path.join(cache_dir, f"{dataset}_classifier.pth")
+    state, why_not = read_cache(path, key)
+    if state is not None:
+        model = Classifier(images.shape[1], int(labels.max()) + 1)
+        model.load_state_dict(state["weights"])
+        model.to(device).eval()
+        accuracy = state["test_accuracy"]
+        log(f"classifier: reusing the cached {path} ({accuracy:.1%} test accuracy)")
+    else:
+        log(f"classifier: training a small CNN on the {len(images)} {dataset} training images for {epochs} epoch(s), "
+            f"once, as {why_not} (a few minutes on a CPU)...")
+        start = time.perf_counter()
+        model = train_classifier(images, labels, device, epochs)
+        _, probs = extract(model, test[0], device, batch_size=1000)
+        accuracy = float((probs.argmax(1) == test[1]).double().mean())
+        log(f"classifier: trained in {time.perf_counter() - start:.0f} s, {accuracy:.1%} accuracy on the "
+            f"{len(test[0])} test images; cached in {path}")
+        weights = {k: v.cpu() for k, v in model.state_dict().items()}
+        write_cache(path, {"key": key, "weights": weights, "test_accuracy": accuracy}, log)
+    weights_key = fingerprint(*model.state_dict().values())
+    return Features(model, f"self-trained {dataset} classifier, {FEATURE_DIM}-d", "classifier",
+                    f"classifier {weights_key}", batch_size=1000), accuracy
+
+
+def get_test_stats(dataset, test_images, features, cache_dir, device, log):
+    """(mu, cov) of the features of the whole test split, cached; rebuilt when the test data or the
+    feature network changes."""
+    key = {"feature network": features.key, "test data": fingerprint(test_images)}
+    path = os.path.join(cache_dir, f"{dataset}_test_stats_{features.tag}.pth")
+    state, why_not = read_cache(path, key)
+    if state is not None:
+        log(f"test statistics: reusing the cached {path} (features: {features.name})")
+        return state["mu"], state["cov"]
+    start = time.perf_counter()
+    feats, _ = extract(features.network, test_images, device, features.batch_size)
+    mu, cov = gaussian_stats(feats)
+    log(f"test statistics: {len(test_images)} {dataset} test images in {time.perf_counter() - start:.0f} s "
+        f"(features: {features.name}), as {why_not}; cached in {path}")
+    write_cache(path, {"key": key, "mu": mu, "cov": cov}, log)
+    return mu, cov
+
+
+# ---- the images to score -------------------------------------------------------------------------
+def sampler_text(args, num_timesteps, conditional):
+    text = f"{num_timesteps}-step DDPM" if args.sampler == "ddpm" else f"{args.steps}-step DDIM (eta {args.eta:g})"
+    return text + (f", guidance {args.guidance_scale:g}" if conditional else "")
+
+
+def generate(model, scheduler, num_classes, args, log):
+    """uint8 images (N, C, H, W) drawn from the model and the labels asked for (None if unconditional).
+    Seeded, batched and labelled (row k of each 10-column grid is class k) exactly as sampling.py does,
+    so `sampling.py --individual` with the same options writes the same images."""
+    precision = resolve_precision(args.precision, args.device)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    images, requested = [], []
+    start = time.perf_counter()
+    with tqdm(total=args.num_samples, unit="img", desc="sampling", leave=False) as bar:
+        for first in range(0, args.num_samples, args.batch_size):
+            n = min(args.batch_size, args.num_samples - first)
+            labels = torch.arange(first, first + n) // 10 % num_classes if num_classes else None
+            x = sample(model, scheduler, n, device=args.device, precision=precision, generator=generator,
+                       sampler=args.sampler, steps=args.steps, eta=args.eta, labels=labels,
+                       guidance_scale=args.guidance_scale, progress=False)
+            images.append(to_uint8(x).cpu())
+            requested.append(labels)
+            bar.update(n)
+    log(f"sampled {args.num_samples} images in {time.perf_counter() - start:.0f} s on {args.device.type} ({precision})")
+    return torch.cat(images), (torch.cat(requested) if num_classes else None)
+
+
+def read_png_folder(folder, dataset, channels, image_size, limit=None):
+    """uint8 images (N, C, H, W) from the PNGs in a folder, in name order, read as grayscale or RGB to
+    match the dataset; the first `limit` of them if given."""
+    if not os.path.isdir(folder):
+        raise EvalError(f"there is no folder {folder}" if not os.path.exists(folder) else f"{folder} is not a folder")
+    names = sorted(name for name in os.listdir(folder) if name.lower().endswith(".png"))
+    if not names:
+        raise EvalError(f"{folder} holds no PNG files")
+    if len(names) == 1:
+        raise EvalError(f"{folder} holds a single PNG, and FID needs at least 2 images")
+    if limit is not None and len(names) < limit:
+        raise EvalError(f"--num-samples {limit} asks for more images than the {len(names)} PNGs in {folder}")
+    arrays = []
+    for name in names[:limit]:
+        path = os.path.join(folder, name)
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if channels == 1 else "RGB")
+        except (OSError, ValueError):
+            raise EvalError(f"{path} is not a readable PNG image") from None
+        if img.size != (image_size, image_size):
+            raise EvalError(f"{path} is {img.size[0]}x{img.size[1]} pixels, but {dataset} images are "
+                            f"{image_size}x{image_size}")
+        arrays.append(np.asarray(img))
+    images = torch.from_numpy(np.stack(arrays))                        # (N, H, W) or (N, H, W, 3)
+    return images.unsqueeze(1) if channels == 1 else images.permute(0, 3, 1, 2).contiguous()
+
+
+def check_splits(dataset, train, test):
+    """The classifier learns the labels, and the samples are compared with images held out from training."""
+    if train[1] is None or test[1] is None:
+        raise EvalError(f"the {dataset} images have no labels, and evaluate.py needs a labelled dataset "
+                        f"(its classifier learns them)")
+    if train[0].shape == test[0].shape and torch.equal(train[0], test[0]):
+        raise EvalError(f"the {dataset} data has no test split apart from its training images to compare with")
+
+
+def real_slice(train_images, n):
+    """n training images chosen with a fixed seed (all of them when there are fewer)."""
+    order = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(SEED))
+    return train_images[order[:n]]
+
+
+# ---- scores --------------------------------------------------------------------------------------
+def classifier_summary(probs, requested=None):
+    """The classifier's mean confidence (top probability), how evenly it spreads the images over the
+    classes (entropy of the predicted-class histogram / log K: 1 is perfectly even), the shares of
+    the rarest and commonest class, and its agreement with the requested labels."""
+    num_classes = probs.shape[1]
+    predicted = probs.argmax(1)
+    share = torch.bincount(predicted, minlength=num_classes).double() / len(predicted)
+    seen = share[share > 0]
+    summary = {"confidence": float(probs.max(1).values.mean()),
+               "class_balance": max(0.0, float(-(seen * seen.log()).sum() / math.log(num_classes))),
+               "rarest_class_share": float(share.min()), "commonest_class_share": float(share.max())}
+    if requested is not None:
+        summary["label_agreement"] = float((predicted == requested).double().mean())
+    return summary
+
+
+def score(images, requested, features, classifier, test_stats, device):
+    """FID of uint8 images against the test statistics, and the classifier's view of them."""
+    feats, probs = extract(features.network, images, device, features.batch_size)
+    if probs is None:
+        _, probs = extract(classifier.network, images, device, classifier.batch_size)
+    return {"fid": frechet_distance(*gaussian_stats(feats), *test_stats), **classifier_summary(probs, requested)}
+
+
+def load_model(args, parser):
+    """(model, scheduler, config) from --ckpt, with the sampling options checked against it."""
+    ckpt = load_checkpoint(args.ckpt)
+    if not all_finite(ckpt["ema"]):
+        raise EvalError(f"the weights in {args.ckpt} are not finite (NaN or inf), so they cannot produce images")
+    model, scheduler, config = build_from_checkpoint(ckpt, args.device)
+    if args.sampler == "ddim" and args.steps > scheduler.num_timesteps:
+        parser.error(f"--steps {args.steps} is more than the {scheduler.num_timesteps} timesteps the model was trained with")
+    if args.dataset is not None and args.dataset != config["dataset"]:
+        parser.error(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on {config['dataset']}")
+    return model, scheduler, config
+
+
+def evaluate(args, parser, log):
+    """The reference first (data, classifier, features, test statistics: nothing is sampled in vain),
+    then the images to score, their FID and the real-vs-real floor.  Returns the results as a dict."""
+    model = None
+    if args.samples is None:
+        model, scheduler, config = load_model(args, parser)
+        args.dataset = config["dataset"]
+    train, test = (load_dataset(args.dataset, args.data_dir, train=split) for split in (True, False))
+    check_splits(args.dataset, train, test)
+    channels, image_size = test[0].shape[1], test[0].shape[2]
+    if model is None:          # read the PNGs first, so that a wrong folder fails before anything slow
+        images, requested = read_png_folder(args.samples, args.dataset, channels, image_size, args.num_samples), None
+        source = args.samples
+    elif (model.in_channels, model.image_size) != (channels, image_size):
+        raise EvalError(f"{args.ckpt} makes {model.in_channels}x{model.image_size}x{model.image_size} images, but the "
+                        f"{args.dataset} data in {args.data_dir} is {channels}x{image_size}x{image_size}")
+    cache_dir = args.cache_dir or args.data_dir
+    classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device, log)
+    features = choose_features(channels, image_size, args.features, classifier, args.device, log)
+    test_stats = get_test_stats(args.dataset, test[0], features, cache_dir, args.device, log)
+    if model is not None:
+        images, requested = generate(model, scheduler, config["num_classes"], args, log)
+        source = f"{args.ckpt} ({sampler_text(args, scheduler.num_timesteps, bool(config['num_classes']))})"
+    floor = real_slice(train[0], len(images))
+    return {"dataset": args.dataset, "source": source, "num_images": len(images), "num_test_images": len(test[0]),
+            "features": features.name, "classifier": classifier.name, "classifier_test_accuracy": accuracy,
+            "generated": score(images, requested, features, classifier, test_stats, args.device),
+            "real_floor": {"num_images": len(floor), **score(floor, None, features, classifier, test_stats, args.device)}}
+
+
+def format_table(results):
+    """The results as a small table: the generated images next to the real-vs-real floor."""
+    generated, floor = results["generated"], results["real_floor"]
+    share = lambda r: f"{r['rarest_class_share']:.1%} / {r['commonest_class_share']:.1%}"   # noqa: E731
+    number = lambda key: (f"{generated[key]:.3f}", f"{floor[key]:.3f}")                    # noqa: E731
+    rows = [(f"FID (features: {results['features']})", *number("fid")),
+            ("classifier confidence (mean top probability)", *number("confidence")),
+            ("class balance (entropy / log K; 1 = even)", *number("class_balance")),
+            ("rarest / commonest class", share(generated), share(floor))]
+    if "label_agreement" in generated:
+        rows.append(("classifier agrees with the requested label", f"{generated['label_agreement']:.1%}", "-"))
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{results['dataset']}: {results['num_images']} images from {results['source']}, "
+             f"against the {results['num_test_images']} test images",
+             f"{'':{width}}  {'generated':>15}  {'real (floor)':>15}"]
+    lines += [f"{name:{width}}  {a:>15}  {b:>15}" for name, a, b in rows]
+    lines += [f"classifier: {results['classifier']}, {results['classifier_test_accuracy']:.1%} test accuracy",
+              f"real (floor): {floor['num_images']} training images scored the same way, about what a perfect model "
+              f"would get; FID grows as N shrinks, so compare only FIDs over the same number of images"]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Measure sample quality: FID against the test split, and a classifier's view.")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", default=None, help="checkpoint to sample from (default default/ddpm_ckpt.pth)")
+    source.add_argument("--samples", metavar="DIR", help="score the PNGs in DIR instead (what sampling.py --individual "
+                                                         "writes); needs --dataset")
+    p.add_argument("--dataset", choices=DATASETS, help="the reference data for --samples (--ckpt: the checkpoint's)")
+    p.add_argument("--num-samples", type=positive_int, default=None,
+                   help="images to generate (default 1000); with --samples, score only the first N PNGs")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images denoised at once (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="sampling precision; auto = bf16 autocast where the device supports it")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: all T ancestral steps; ddim: --steps")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance for conditional models (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--features", default="auto", choices=["auto", "classifier", "inception"],
+                   help="FID features; auto: the self-trained classifier for small grayscale images, else Inception-v3")
+    p.add_argument("--classifier-epochs", type=positive_int, default=2, help="training epochs of the classifier (default 2)")
+    p.add_argument("--data-dir", default="data", help="dataset folder (default data)")
+    p.add_argument("--cache-dir", default=None, help="where the classifier and test statistics are cached (default: --data-dir)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress goes to stderr)")
+    args = p.parse_args(argv)
+    if args.samples is not None and args.dataset is None:
+        p.error("--samples needs --dataset, the data whose test split the images are compared with")
+    if args.samples is None:
+        args.ckpt = args.ckpt or os.path.join("default", "ddpm_ckpt.pth")
+        args.num_samples = args.num_samples or 1000
+    if args.num_samples is not None and args.num_samples < 2:
+        p.error("--num-samples must be at least 2: FID needs a covariance")
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta must lie between 0 and 1, got {args.eta}")
+    if args.guidance_scale < 0:
+        p.error(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return args, p
+
+
+def main(argv=None):
+    args, parser = parse_args(argv)
+    log = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
+    try:
+        results = evaluate(args, parser, log)
+    except (EvalError, DataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(results) if args.json else format_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Noise schedules and the forward / reverse process of DDPM (Ho et al., 2020).
+
+Timestep convention, used everywhere in this repository:
+    t is an integer in [0, T-1].  Index t holds beta_t of the paper's step t+1, so
+    alphas_cumprod[t] = prod_{s<=t} (1 - betas[s]), and "alpha-bar before step 0" is 1
+    (alphas_cumprod_prev[0] = 1).  x_0 is the data; training draws t uniformly from [0, T-1];
+    sampling walks t = T-1, ..., 0 and the step at t = 0 adds no noise.
+
+Notation (paper -> code):
+    beta_t               betas
+    alpha_t = 1 - beta_t alphas
+    alpha-bar_t          alphas_cumprod
+    beta-tilde_t         posterior_variance             (eq. 7)
+    mu-tilde_t coeffs    posterior_mean_coef1 (x_0), posterior_mean_coef2 (x_t)   (eq. 7)
+    epsilon_theta        eps (the model's prediction of the noise)
+
+    python -c "from noise_scheduler import LinearNoiseScheduler as S; print(S().betas[:3])"
+"""
+import math
+
+import torch
+
+
+def extract(coefficients, t, x_shape):
+    """Gather one coefficient per sample and shape it to broadcast over x: (B,) -> (B, 1, 1, 1)."""
+    out = coefficients.gather(0, t.to(coefficients.device))
+    return out.reshape(t.shape[0], *([1] * (len(x_shape) - 1)))
+
+
+def _noise_like(x, generator):
+    """Standard normal noise of x's shape, drawn from `generator` (on the generator's device) if given."""
+    if generator is None:
+        return torch.randn_like(x)
+    return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
+
+
+class NoiseScheduler:
+    """Everything the forward and reverse process need, derived from a beta schedule.
+
+    Computed in float64 for accuracy, stored as float32 tensors; `.to(device)` moves them.
+    """
+
+    def __init__(self, betas):
+        betas = torch.as_tensor(betas, dtype=torch.float64)
+        assert betas.ndim == 1 and (betas > 0).all() and (betas < 1).all(), "betas must lie in (0, 1)"
+        self.num_timesteps = betas.shape[0]
+        alphas = 1.0 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        # Forward process q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I)   (eq. 4)
+        # Posterior q(x_{t-1} | x_t, x_0) = N(mu-tilde_t, beta-tilde_t I)                  (eq. 6, 7)
+        tensors = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
+            sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
+            sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+            posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
+            posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
+        )
+        for name, value in tensors.items():
+            setattr(self, name, value.float())
+        self._names = list(tensors)
+
+    def to(self, device):
+        for name in self._names:
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    @property
+    def device(self):
+        return self.betas.device
+
+    # ---- forward process -------------------------------------------------------------------
+    def sample_timesteps(self, batch_size, generator=None, device=None):
+        """t ~ Uniform({0, ..., T-1}), one per sample (algorithm 1, line 3)."""
+        gen_device = generator.device if generator is not None else (device or self.device)
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device)
+        return t.to(device or self.device)
+
+    def add_noise(self, x0, noise, t):
+        """x_t = sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps   (eq. 4; algorithm 1, line 5)."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+
+    # ---- reverse process -------------------------------------------------------------------
+    def predict_x0(self, x_t, t, eps):
+        """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
+        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
+
+    def timesteps(self, num_steps=None):
+        """The timesteps a sampler walks, descending and ending at 0.
+
+        None (or T) gives all T steps of the ancestral sampler; fewer gives an evenly spaced
+        subsequence of the training timesteps for DDIM (Song et al., 2021, section 4.2).
+        """
+        T = self.num_timesteps
+        if num_steps is None or num_steps == T:
+            return list(range(T - 1, -1, -1))
+        if not 1 <= num_steps <= T:
+            raise ValueError(f"the number of sampling steps must be between 1 and {T}, got {num_steps}")
+        ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round().long()
+        return sorted(set(ts.tolist()), reverse=True)
+
+    def step(self, eps, t, x_t, generator=None, clip_x0=True):
+        """One ancestral step x_t -> x_{t-1} (algorithm 2, lines 3-4).
+
+        eps: the model's noise prediction at (x_t, t); t: a Python int shared by the batch.
+        Returns (x_{t-1}, predicted x_0).
+
+        Without clipping, mu-tilde_t(x_t, x_0(x_t, eps)) equals eq. 11,
+            mu_theta = 1 / sqrt(alpha_t) * (x_t - beta_t / sqrt(1 - alpha-bar_t) * eps);
+        with clip_x0 the predicted x_0 is first clipped to the data range [-1, 1], as in the
+        authors' code, and the mean is taken from the posterior, eq. 7.
+        The variance is sigma_t^2 = beta-tilde_t, which is 0 at t = 0: the last step adds no noise.
+        """
+        eps, x_t = eps.float(), x_t.float()
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        x0 = self.predict_x0(x_t, tt, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean = (extract(self.posterior_mean_coef1, tt, x_t.shape) * x0
+                + extract(self.posterior_mean_coef2, tt, x_t.shape) * x_t)       # eq. 7
+        if t == 0:
+            return mean, x0
+        std = extract(self.posterior_variance, tt, x_t.shape).sqrt()
+        return mean + std * _noise_like(x_t, generator), x0                     # algorithm 2, line 4
+
+    def ddim_step(self, eps, t, t_prev, x_t, eta=0.0, generator=None, clip_x0=True):
+        """One DDIM step x_t -> x_{t_prev} (Song et al., 2021, eq. 12), t_prev < t, t_prev = -1 means x_0.
+
+        sigma = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)      (eq. 16)
+        x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z
+        where a = alpha-bar.  eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the
+        ancestral step with variance beta-tilde_t.  Returns (x_{t_prev}, predicted x_0).
+        """
+        eps, x_t = eps.float(), x_t.float()
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(a_t)
+        x0 = self.predict_x0(x_t, tt, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x_t - a_t.sqrt() * x0) / (1.0 - a_t).sqrt()     # the noise consistent with the clipped x_0
+        sigma = eta * ((1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1.0 - a_prev - sigma ** 2).clamp(min=0.0).sqrt() * eps
+        if eta > 0 and t_prev >= 0:
+            x_prev = x_prev + sigma * _noise_like(x_t, generator)
+        return x_prev, x0
+
+
+class LinearNoiseScheduler(NoiseScheduler):
+    """beta_t linear from beta_start to beta_end over T steps (Ho et al., 2020, section 4)."""
+
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+
+
+class CosineNoiseScheduler(NoiseScheduler):
+    """alpha-bar_t = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi / 2)  (Nichol & Dhariwal, 2021, eq. 17).
+
+    betas are clipped to max_beta = 0.999 to avoid a singularity at the end of the chain.
+    Here alphas_cumprod[t] is alpha-bar at the paper's step t + 1.
+    """
+
+    def __init__(self, num_timesteps=1000, s=0.008, max_beta=0.999):
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        alphas_cumprod = f / f[0]
+        betas = (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
+        super().__init__(betas)
+
+
+SCHEDULES = {"linear": LinearNoiseScheduler, "cosine": CosineNoiseScheduler}
+
+
+def make_scheduler(schedule="linear", num_timesteps=1000):
+    """The scheduler named in a checkpoint's configuration."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown noise schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
+    return SCHEDULES[schedule](num_timesteps=num_timesteps)

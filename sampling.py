@@ -1,0 +1,246 @@
+"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), or DDIM (Song et al., 2021).
+
+    python sampling.py                                   # 100 samples, all 1000 steps -> default/samples/x0_0.png
+    python sampling.py --sampler ddim --steps 50         # 50 DDIM steps (eta 0: deterministic)
+    python sampling.py --sampler ddim --steps 5,10,20,50 # one grid per step count, same starting noise
+    python sampling.py --save-every 100 --individual     # also x0_{t}.png every 100 steps, and one PNG per sample
+
+The model, its noise schedule, image size and channels are all rebuilt from the checkpoint.
+"""
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, all_finite, load_checkpoint
+from dataset import to_uint8
+from noise_scheduler import make_scheduler
+from unet import UNet, autocast, pick_device, resolve_precision
+
+MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
+              "attention_resolutions", "dropout", "num_heads", "num_classes")
+
+
+def model_config(config):
+    """The UNet's constructor arguments, taken from a run's configuration."""
+    return {k: config[k] for k in MODEL_KEYS}
+
+
+def build_from_checkpoint(ckpt, device):
+    """(EMA model in eval mode, scheduler, config) from a loaded checkpoint; CheckpointError if they do not fit."""
+    config = ckpt["config"]
+    try:
+        model = UNet(**model_config(config))
+        model.load_state_dict(ckpt["ema"])
+        scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"its weights do not fit the model its configuration describes ({detail})") from None
+    model.to(device).eval()
+    return model, scheduler, config
+
+
+DEFAULT_GUIDANCE = 2.0
+
+
+def predict_noise(model, x, t, labels=None, guidance_scale=1.0):
+    """epsilon_theta(x_t, t), float32.  With labels and a guidance scale w != 1, classifier-free guidance
+        eps = eps_uncond + w * (eps_cond - eps_uncond)      (Ho & Salimans, 2022)
+    in one batched forward pass over [conditional; unconditional]: w = 1 is the conditional
+    prediction, w = 0 the unconditional one, w > 1 pushes samples towards their class."""
+    if labels is None or guidance_scale == 1.0:
+        return model(x, t, labels).float()
+    null = torch.full_like(labels, model.num_classes)                          # the "no label" token
+    eps_c, eps_u = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sample(model, scheduler, num_samples, *, device, precision="fp32", generator=None, sampler="ddpm",
+           steps=None, eta=0.0, labels=None, guidance_scale=1.0, noise=None, callback=None, progress=True):
+    """Run the reverse process from x_T ~ N(0, I) and return x_0 in [-1, 1], float32 (B, C, H, W).
+
+    sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps`
+    evenly spaced timesteps with noise scale `eta`.  labels (B,) draw a conditional model's classes,
+    with classifier-free guidance of scale `guidance_scale` (see predict_noise).
+    callback(t, x_t, x0_pred) is called after every step.
+    """
+    shape = (num_samples, model.in_channels, model.image_size, model.image_size)
+    if noise is None:
+        noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
+    x = noise.to(device, torch.float32)                                        # x_T ~ N(0, I)  (line 1)
+    timesteps = scheduler.timesteps(None if sampler == "ddpm" else steps)
+    if labels is not None:
+        labels = labels.to(device)
+    x0 = x
+    with autocast(device, precision):
+        for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", leave=False, disable=not progress)):
+            tt = torch.full((num_samples,), t, dtype=torch.long, device=device)
+            eps = predict_noise(model, x, tt, labels, guidance_scale)         # epsilon_theta(x_t, t)
+            if sampler == "ddpm":
+                x, x0 = scheduler.step(eps, t, x, generator=generator)         # lines 3-4
+            else:
+                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+                x, x0 = scheduler.ddim_step(eps, t, t_prev, x, eta=eta, generator=generator)
+            if callback is not None:
+                callback(t, x, x0)
+    return x.clamp(-1, 1)                                                      # line 6: return x_0
+
+
+def save_grid(x, path, nrow=10):
+    """Save images in [-1, 1] as one grid PNG, `nrow` images per row."""
+    save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def grid_frame(x, nrow=10):
+    """A PIL image of a grid of images in [-1, 1]."""
+    from PIL import Image
+    grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
+    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+
+
+def save_gif(frames, path, seconds=4.0):
+    """An animated GIF that plays the frames in `seconds` and holds the last one."""
+    duration = max(20, int(1000 * seconds / max(1, len(frames))))
+    frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 10, duration=duration, loop=0)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def int_list(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
+    return values
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Sample images from a trained DDPM checkpoint.")
+    p.add_argument("--ckpt", default=os.path.join("default", "ddpm_ckpt.pth"), help="checkpoint written by training.py")
+    p.add_argument("--num-samples", type=positive_int, default=100, help="how many images (default 100)")
+    p.add_argument("--batch-size", type=positive_int, default=100, help="images denoised at once (default 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="network precision; auto = bf16 autocast where the device supports it")
+    p.add_argument("--out-dir", default=os.path.join("default", "samples"), help="where the PNGs go")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: all T ancestral steps; ddim: --steps")
+    p.add_argument("--steps", type=int_list, default=[50], help="DDIM step count, or a list like 5,10,20,50")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    p.add_argument("--label", type=int, default=None, help="class to draw (conditional models); default: one row per class")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--save-every", type=positive_int, default=None, metavar="K",
+                   help="also save the grid of predicted x_0 every K steps as x0_{t}.png")
+    p.add_argument("--gif", action="store_true", help="also write reverse.gif, an animation of the reverse process")
+    p.add_argument("--gif-of", choices=["xt", "x0"], default="xt", help="animate x_t (default) or the predicted x_0")
+    p.add_argument("--individual", action="store_true", help="also save every sample as its own PNG in OUT_DIR/individual/")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta must lie between 0 and 1, got {args.eta}")
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return args, p
+
+
+def main(argv=None):
+    args, parser = parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.ckpt)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    if not all_finite(ckpt["ema"]):
+        sys.exit(f"error: the weights in {args.ckpt} are not finite (NaN or inf), so they cannot produce images")
+    try:
+        model, scheduler, config = build_from_checkpoint(ckpt, args.device)
+    except CheckpointError as e:
+        sys.exit(f"error: {args.ckpt}: {e}")
+    T = scheduler.num_timesteps
+    if args.sampler == "ddim" and max(args.steps) > T:
+        parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
+    num_classes = model.num_classes
+    if args.label is not None and not num_classes:
+        parser.error(f"--label {args.label}: {args.ckpt} holds an unconditional model (train with --conditional)")
+    if args.label is not None and not 0 <= args.label < num_classes:
+        parser.error(f"--label {args.label} is outside the model's classes 0..{num_classes - 1}")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
+    precision = resolve_precision(args.precision, args.device)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: cannot create the output folder {args.out_dir} ({e.strerror})")
+
+    runs = [("ddpm", None)] if args.sampler == "ddpm" else [("ddim", s) for s in args.steps]
+    for sampler, steps in runs:
+        start = time.perf_counter()
+        images, snapshots, frames = draw(model, scheduler, args, sampler, steps, precision)
+        seconds = time.perf_counter() - start
+        suffix = "" if len(runs) == 1 else f"_ddim_{steps}"
+        final = os.path.join(args.out_dir, "x0_0.png" if len(runs) == 1 else f"ddim_{steps}.png")
+        save_grid(images.float() / 127.5 - 1, final)
+        label = f"{T}-step DDPM" if sampler == "ddpm" else f"{steps}-step DDIM (eta {args.eta:g})"
+        print(f"{args.num_samples} samples, {label}, {seconds:.1f} s on {args.device.type} ({precision}): wrote {final}")
+        for t, grid in snapshots.items():
+            if t != 0 or len(runs) > 1:
+                save_grid(torch.cat(grid).float() / 127.5 - 1, os.path.join(args.out_dir, f"x0_{t}{suffix}.png"))
+        if snapshots:
+            print(f"wrote the predicted x_0 every {args.save_every} steps as x0_{{t}}{suffix}.png in {args.out_dir}")
+        if args.gif:
+            gif = os.path.join(args.out_dir, f"reverse{suffix}.gif")
+            save_gif(frames, gif)
+            print(f"wrote {gif} ({len(frames)} frames of {'x_t' if args.gif_of == 'xt' else 'the predicted x_0'})")
+        if args.individual:
+            folder = os.path.join(args.out_dir, f"individual{suffix}")
+            os.makedirs(folder, exist_ok=True)
+            for i, img in enumerate(images):
+                save_image(img.float() / 255.0, os.path.join(folder, f"{i:05d}.png"))
+            print(f"wrote {len(images)} PNGs to {folder}")
+
+
+def draw(model, scheduler, args, sampler, steps, precision):
+    """All --num-samples images of one sampler, in batches, from the seed's noise.
+
+    Returns (uint8 images, {t: predicted-x_0 grids every --save-every steps}, GIF frames of the first batch).
+    """
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)     # the same noise for every sampler
+    num_classes = model.num_classes
+    snapshots, frames, images = {}, [], []
+    gif_every = max(1, len(scheduler.timesteps(None if sampler == "ddpm" else steps)) // 50)
+
+    def observe(t, x_t, x0):
+        if args.save_every and t % args.save_every == 0:
+            snapshots.setdefault(t, []).append(to_uint8(x0).cpu())
+        if args.gif and not images and (t % gif_every == 0 or t == 0):
+            frames.append(grid_frame(x_t if args.gif_of == "xt" else x0))
+
+    for first in range(0, args.num_samples, args.batch_size):
+        n = min(args.batch_size, args.num_samples - first)
+        labels = None
+        if num_classes:   # --label, or else row k of the 10-column grid is class k
+            labels = torch.full((n,), args.label) if args.label is not None else torch.arange(first, first + n) // 10 % num_classes
+        x = sample(model, scheduler, n, device=args.device, precision=precision, generator=generator, sampler=sampler,
+                   steps=steps, eta=args.eta, labels=labels, guidance_scale=args.guidance_scale, callback=observe)
+        images.append(to_uint8(x).cpu())
+    return torch.cat(images), snapshots, frames
+
+
+if __name__ == "__main__":
+    main()

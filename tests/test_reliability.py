@@ -1,0 +1,140 @@
+"""Nothing lost: interrupted runs, atomic and failed checkpoint writes, non-finite values."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint as checkpoint_module
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from conftest import ROOT, TINY_MODEL, run_script
+from test_scripts import assert_same_tensors, load
+
+
+def start_training(data_dir, out_dir, *extra):
+    cmd = [sys.executable, "training.py", "--data-dir", data_dir, "--out-dir", str(out_dir), "--batch-size", "8",
+           "--preview-samples", "0", *TINY_MODEL, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def wait_for_training_to_start(proc):
+    for line in proc.stdout:
+        if line.startswith("training on"):
+            return
+    raise AssertionError(f"training never started: {proc.stderr.read()}")
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_mid_epoch_and_resume_is_bit_exact(data_dir, tmp_path, signum, code):
+    run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "straight", "--batch-size", "8",
+               "--preview-samples", "0", "--epochs", "2", *TINY_MODEL)
+    proc = start_training(data_dir, tmp_path / "stopped", "--epochs", "2")
+    wait_for_training_to_start(proc)
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    assert "--resume" in err
+    state = load(tmp_path / "stopped" / "ddpm_ckpt.pth")
+    assert state["step"] < 2 * 256 // 8, "the run finished before the signal arrived"
+    assert state["step"] == state["epoch"] * (256 // 8) + state["batch_in_epoch"]
+    run_script("training.py", "--out-dir", tmp_path / "stopped", "--data-dir", data_dir, "--resume")
+    a, b = load(tmp_path / "straight" / "ddpm_ckpt.pth"), load(tmp_path / "stopped" / "ddpm_ckpt.pth")
+    for key in ("model", "ema", "optimizer", "rng", "step", "epoch"):
+        assert_same_tensors(a[key], b[key])
+
+
+def test_second_ctrl_c_while_saving_does_not_corrupt(data_dir, tmp_path):
+    proc = start_training(data_dir, tmp_path, "--epochs", "50")
+    wait_for_training_to_start(proc)
+    time.sleep(0.5)
+    for _ in range(5):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.01)
+    proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    assert load_checkpoint(str(tmp_path / "ddpm_ckpt.pth"))["step"] > 0
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, train_tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    train_tiny(out, "--epochs", "1")                   # 8 steps
+    before = (out / "ddpm_ckpt.pth").read_bytes()
+    import training
+    import unet
+    calls = {"n": 0}
+    real_forward = unet.UNet.forward
+
+    def forward_with_nan(self, x, t, y=None):           # a NaN in the prediction of the 3rd step after resuming
+        calls["n"] += 1
+        eps = real_forward(self, x, t, y)
+        return eps * float("nan") if calls["n"] == 3 else eps
+
+    monkeypatch.setattr(unet.UNet, "forward", forward_with_nan)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}   # main() installs its own
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            training.main(["--out-dir", str(out), "--data-dir", data_dir, "--resume", "--epochs", "3"])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "at step 11" in err and "nan" in err and "kept" in err
+    assert (out / "ddpm_ckpt.pth").read_bytes() == before
+
+
+def test_sampling_refuses_non_finite_weights(train_tiny, tmp_path):
+    train_tiny(tmp_path / "run", "--epochs", "1")
+    state = load(tmp_path / "run" / "ddpm_ckpt.pth")
+    first = next(iter(state["ema"]))
+    state["ema"][first] = torch.full_like(state["ema"][first], float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    result = run_script("sampling.py", "--ckpt", tmp_path / "nan.pth", "--out-dir", tmp_path / "s", check=False)
+    assert result.returncode == 1 and "not finite" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    path = tmp_path / "ddpm_ckpt.pth"
+    save_checkpoint({"v": torch.ones(3)}, str(path))
+    before = path.read_bytes()
+
+    def disk_full(obj, f):
+        f.write(b"partial data")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint({"v": torch.zeros(3)}, str(path))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["ddpm_ckpt.pth"]
+
+
+def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    path = tmp_path / "ddpm_ckpt.pth"
+    save_checkpoint({"v": torch.ones(3)}, str(path))
+    before = path.read_bytes()
+    script = ("import sys, torch; sys.path.insert(0, %r); from checkpoint import save_checkpoint\n"
+              "save_checkpoint({'big': torch.randn(300_000_000 // 4)}, %r)\n" % (ROOT, str(path)))
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(n.endswith(".tmp") for n in os.listdir(tmp_path)):
+        time.sleep(0.01)
+    assert any(n.endswith(".tmp") for n in os.listdir(tmp_path)), "the save never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert path.read_bytes() == before
+    assert torch.equal(torch.load(path, weights_only=True)["v"], torch.ones(3))
+
+
+def test_unwritable_output_folder_fails_before_training(data_dir, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    result = run_script("training.py", "--data-dir", data_dir, "--out-dir", blocker / "out", *TINY_MODEL, check=False)
+    assert result.returncode == 1 and "cannot be written" in result.stderr and "Traceback" not in result.stderr
+    assert "training on" not in result.stdout

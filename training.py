@@ -1,0 +1,417 @@
+"""Train a DDPM: algorithm 1 of Ho et al. (2020).
+
+    python training.py                       # MNIST, checkpoint in default/ddpm_ckpt.pth
+    python training.py --resume              # continue that run exactly where it stopped
+    python training.py --dataset fashion-mnist --epochs 5
+    torchrun --standalone --nproc_per_node=2 training.py    # data-parallel on 2 processes (gloo on CPU, nccl on CUDA)
+
+Every epoch writes the checkpoint (atomically), a grid of samples from the EMA weights in
+<out-dir>/samples/epoch_NNN.png and a row of <out-dir>/loss_log.csv.  Ctrl-C or SIGTERM finishes
+the current step, saves the position inside the epoch and exits (130 / 143); --resume continues
+from there with the same result, bit for bit on the CPU, as a run that was never stopped.
+"""
+import argparse
+import copy
+import math
+import csv
+import os
+import signal
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, load_checkpoint, save_checkpoint
+from dataset import DATASETS, NATURAL_IMAGES, DataError, load_dataset, random_hflip, to_model_range
+from noise_scheduler import SCHEDULES, make_scheduler
+from sampling import DEFAULT_GUIDANCE, int_list, model_config, positive_int, sample, save_grid
+from unet import UNet, autocast, pick_device, resolve_precision
+
+# The one source of truth for defaults.  Everything here is saved in the checkpoint.
+DEFAULTS = dict(
+    dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
+    image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
+    schedule="linear", num_timesteps=1000, ema_decay=0.9995,
+    conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=50,
+)
+# Options that define the run: on --resume they must agree with the checkpoint.
+RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
+            "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout")
+CKPT_NAME = "ddpm_ckpt.pth"
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def build_parser():
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description="Train a DDPM (Ho et al., 2020).", argument_default=None)
+    a = p.add_argument
+    a("--dataset", choices=DATASETS, help=f"training data (default {d['dataset']}); folder: every image below --data-dir")
+    a("--image-size", type=positive_int, help="side of the square images, for --dataset folder (default 32)")
+    a("--epochs", type=positive_int, help=f"total epochs of the run (default {d['epochs']}); raise it with --resume to train longer")
+    a("--batch-size", type=positive_int, help=f"images per optimizer step, over all processes (default {d['batch_size']})")
+    a("--lr", type=positive_float, help=f"AdamW learning rate (default {d['lr']})")
+    a("--warmup-steps", type=non_negative_int, help=f"linear learning-rate warm-up (default {d['warmup_steps']})")
+    a("--seed", type=int, help=f"random seed (default {d['seed']})")
+    a("--channels", dest="base_channels", type=positive_int, help=f"U-Net width: channels of the first level (default {d['base_channels']})")
+    a("--channel-mults", type=int_list, help="width multiplier of each resolution level (default: 1,2,2 "
+      "for 28x28 images, 1,2,2,2 up to 64x64, 1,1,2,2,4 above)")
+    a("--num-res-blocks", type=positive_int, help=f"residual blocks per level (default {d['num_res_blocks']})")
+    a("--dropout", type=fraction, help=f"dropout in the residual blocks (default {d['dropout']})")
+    a("--schedule", choices=list(SCHEDULES), help=f"noise schedule (default {d['schedule']})")
+    a("--num-timesteps", type=positive_int, help=f"diffusion steps T (default {d['num_timesteps']})")
+    a("--ema-decay", type=fraction, help=f"largest EMA decay, reached after warm-up (default {d['ema_decay']})")
+    a("--conditional", action="store_const", const=True, help="class-conditional model, for classifier-free guidance")
+    a("--label-dropout", type=fraction, help=f"probability of training with the 'no label' token (default {d['label_dropout']})")
+    a("--preview-samples", type=non_negative_int, help="images in each epoch's sample grid, 0 for none (default 100)")
+    a("--preview-steps", type=positive_int, help="DDIM steps for the epoch grids (default 50)")
+    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 autocast where supported")
+    a("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
+    a("--data-dir", default="data", help="dataset folder (default data)")
+    a("--out-dir", default="default", help="checkpoint, samples and loss log folder (default default)")
+    a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
+    a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
+    return p
+
+
+def fail(message, code=1):
+    """One clear sentence on stderr and a non-zero exit, from rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def resolve_config(args, parser, ckpt):
+    """Defaults, then the checkpoint's configuration (on --resume), then the options given."""
+    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
+    if ckpt is None:
+        return {**DEFAULTS, **given}
+    config = dict(ckpt["config"])
+    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    differ = [f"{flag[k]} {given[k]} (checkpoint: {config.get(k)})"
+              for k in RUN_KEYS if k in given and given[k] != config.get(k)]
+    if differ:
+        parser.error("--resume continues the run in the checkpoint, but these options contradict it: "
+                     + "; ".join(differ))
+    config.update({k: v for k, v in given.items() if k not in RUN_KEYS})    # epochs, previews
+    return config
+
+
+def setup_distributed(device_name):
+    """(rank, world_size, device).  torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, pick_device(device_name)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step, so a step and a
+    checkpoint write are never cut in half.  Further signals while saving are only noted."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving the checkpoint...",
+                  file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
+
+
+def check_writable(folder):
+    """Fail before training, not after the first epoch, if the output folder cannot be written."""
+    try:
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"the output folder {folder} cannot be written ({e.strerror})")
+
+
+def rng_state(generator):
+    state = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_shape(in_channels, image_size, channel_mults=None):
+    """The U-Net's shape for images of this size: resolution levels down to about 4-8 pixels, and
+    self-attention only at the low resolutions (at most 8x8, or a quarter of the image side)."""
+    if channel_mults is None:
+        channel_mults = [1, 2, 2] if image_size <= 28 else [1, 2, 2, 2] if image_size <= 64 else [1, 1, 2, 2, 4]
+    resolutions = [image_size // 2 ** i for i in range(len(channel_mults))]
+    attention = [r for r in resolutions if r <= max(8, image_size // 4)] or [resolutions[-1]]
+    return dict(in_channels=in_channels, image_size=image_size, channel_mults=list(channel_mults),
+                attention_resolutions=attention, num_heads=4)
+
+
+def shard(order, batch, batch_size, rank, world):
+    """This process's part of batch number `batch` of an epoch: the global batch of `batch_size`
+    images, order[batch * batch_size : (batch + 1) * batch_size], split into `world` disjoint parts."""
+    local = batch_size // world
+    first = batch * batch_size + rank * local
+    return order[first:first + local]
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, max_decay):
+    """theta_ema <- decay * theta_ema + (1 - decay) * theta, with decay warming up as (1 + n) / (10 + n),
+    so a short run's EMA follows its recent weights and a long run's averages over ~1 / (1 - max_decay) steps."""
+    decay = min(max_decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
+
+
+def preview(ema, scheduler, config, device, precision, path):
+    """A grid of EMA samples from fixed noise (DDIM), so epochs can be compared by eye."""
+    n = config["preview_samples"]
+    generator = torch.Generator(device=device).manual_seed(1234)
+    labels = None
+    if config["conditional"]:     # row k of the 10-column grid is class k
+        labels = torch.arange(n, device=device) // 10 % ema.num_classes
+    x = sample(ema, scheduler, n, device=device, precision=precision, generator=generator, sampler="ddim",
+               steps=min(config["preview_steps"], scheduler.num_timesteps), labels=labels,
+               guidance_scale=DEFAULT_GUIDANCE, progress=False)
+    save_grid(x, path)
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other")
+    try:
+        rank, world, device = setup_distributed(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    master = rank == 0
+    ckpt_path = os.path.join(args.out_dir, CKPT_NAME)
+
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except CheckpointError as e:
+            fail(f"cannot resume: {e}")
+    elif os.path.exists(ckpt_path) and not args.overwrite:
+        fail(f"{ckpt_path} already holds a training run; pass --resume to continue it, "
+             f"--overwrite to replace it, or --out-dir to train somewhere else")
+    config = resolve_config(args, parser, ckpt)
+    if config["batch_size"] % world:
+        parser.error(f"--batch-size {config['batch_size']} does not divide over {world} processes")
+    if master:
+        check_writable(args.out_dir)
+    precision = resolve_precision(args.precision, device)
+
+    try:
+        images, labels = load_dataset(config["dataset"], args.data_dir, train=True, download=master,
+                                      image_size=config["image_size"])
+    except DataError as e:
+        fail(str(e))
+    if ckpt is None:
+        if config["image_size"] not in (None, images.shape[2]):
+            parser.error(f"--image-size {config['image_size']}: {config['dataset']} images are "
+                         f"{images.shape[2]}x{images.shape[3]}; --image-size is for --dataset folder")
+        if config["conditional"] and labels is None:
+            fail(f"--conditional needs labels, but the images in {args.data_dir} are not in class sub-folders")
+        config.update(model_shape(images.shape[1], images.shape[2], config["channel_mults"]),
+                      num_classes=int(labels.max()) + 1 if config["conditional"] else None,
+                      hflip=config["dataset"] in NATURAL_IMAGES)
+    elif tuple(images.shape[1:]) != (config["in_channels"], config["image_size"], config["image_size"]):
+        fail(f"the data in {args.data_dir} has images of shape {tuple(images.shape[1:])}, "
+             f"but the checkpoint was trained on {config['in_channels']}x{config['image_size']}x{config['image_size']}")
+    if device.type == "cuda":                                        # the whole dataset lives on the GPU
+        images = images.to(device)
+        labels = labels.to(device) if labels is not None else None
+
+    torch.manual_seed(config["seed"])
+    try:
+        model = UNet(**model_config(config)).to(device)
+    except ValueError as e:
+        parser.error(str(e))
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
+    scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
+    generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + rank)
+
+    epoch, batch_in_epoch, step, loss_sum, loss_count = 0, 0, 0, 0.0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        epoch, batch_in_epoch, step = ckpt["epoch"], ckpt["batch_in_epoch"], ckpt["step"]
+        loss_sum, loss_count = ckpt.get("loss_sum", 0.0), ckpt.get("loss_count", 0)
+        states = ckpt.get("rng", [])
+        if len(states) == world:
+            set_rng_state(states[rank], generator)
+        elif master:
+            print(f"note: the checkpoint's random states are for {len(states)} process(es), this run has {world}; "
+                  f"the run continues, but not bit for bit")
+        if master:
+            print(f"resuming {ckpt_path}: epoch {epoch + 1}, batch {batch_in_epoch}, step {step}")
+        del ckpt
+    elif master and os.path.exists(ckpt_path):
+        print(f"note: --overwrite: {ckpt_path} will be replaced when the first epoch ends")
+
+    train_model = model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    stop = StopRequest()
+    n_images = images.shape[0]
+    local_batch = config["batch_size"] // world
+    batches_per_epoch = n_images // config["batch_size"]
+    if batches_per_epoch == 0:
+        fail(f"the dataset has {n_images} images, fewer than one batch of {config['batch_size']}")
+    log_path = os.path.join(args.out_dir, "loss_log.csv")
+    if master:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"training on {n_images} {config['dataset']} images, {device.type} ({precision}), {world} process(es), "
+              f"{n_params / 1e6:.2f} M parameters, epochs {epoch + 1}..{config['epochs']}")
+
+    def checkpoint(epoch_, batch_):
+        """Gather every process's random state; rank 0 writes the checkpoint."""
+        states = [None] * world
+        if world > 1:
+            dist.all_gather_object(states, rng_state(generator))
+        else:
+            states = [rng_state(generator)]
+        if master:
+            if not (all_finite(model.state_dict()) and all_finite(ema.state_dict())):
+                fail(f"the weights are not finite at step {step}; the last good checkpoint {ckpt_path} is kept")
+            try:
+                save_checkpoint(dict(format=CHECKPOINT_FORMAT, config=config, model=model.state_dict(),
+                                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), epoch=epoch_,
+                                     batch_in_epoch=batch_, step=step, rng=states,
+                                     loss_sum=loss_sum, loss_count=loss_count), ckpt_path)
+            except CheckpointError as e:
+                fail(str(e))
+        if world > 1:
+            dist.barrier()
+
+    while epoch < config["epochs"]:
+        # The epoch's order depends only on (seed, epoch): the same after a resume, and shared by all processes.
+        order = torch.randperm(n_images, generator=torch.Generator().manual_seed(config["seed"] * 100003 + epoch))
+        start_time, start_batch = time.perf_counter(), batch_in_epoch
+        bar = tqdm(total=batches_per_epoch * config["batch_size"], initial=batch_in_epoch * config["batch_size"],
+                   unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not master,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+        train_model.train()
+        while batch_in_epoch < batches_per_epoch:
+            idx = shard(order, batch_in_epoch, config["batch_size"], rank, world).to(images.device)
+            x0 = to_model_range(images[idx]).to(device)                         # x_0 ~ q(x_0)     (line 2)
+            if config["hflip"]:
+                x0 = random_hflip(x0, generator)
+            t = scheduler.sample_timesteps(local_batch, generator, device)      # t ~ U{0..T-1}    (line 3)
+            noise = torch.randn(x0.shape, generator=generator, device=device)   # eps ~ N(0, I)    (line 4)
+            x_t = scheduler.add_noise(x0, noise, t)
+            y = None
+            if config["conditional"]:
+                y = labels[idx].to(device)
+                drop = torch.rand(local_batch, generator=generator, device=device) < config["label_dropout"]
+                y = torch.where(drop, torch.full_like(y, model.num_classes), y)  # the "no label" token
+            lr = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, precision):
+                eps = train_model(x_t, t, y)
+            loss = F.mse_loss(eps.float(), noise)                               # ||eps - eps_theta||^2 (line 5)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                fail(f"the loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and "
+                     f"the last good checkpoint {ckpt_path} is kept. Try a lower --lr")
+            optimizer.step()
+            step += 1
+            ema_update(ema, model, step, config["ema_decay"])
+            batch_in_epoch += 1
+            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            bar.update(config["batch_size"])
+            if step % 10 == 0 or batch_in_epoch == batches_per_epoch:
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            stop_now = stop.signum is not None
+            if world > 1:
+                flag = torch.tensor([float(stop_now)], device=device)
+                dist.all_reduce(flag)
+                stop_now = flag.item() > 0
+            if stop_now:
+                bar.close()
+                checkpoint(epoch, batch_in_epoch)
+                signum = stop.signum or signal.SIGTERM
+                if master:
+                    print(f"saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{batches_per_epoch} "
+                          f"(step {step}); continue with: python training.py --resume --out-dir {args.out_dir}",
+                          file=sys.stderr)
+                sys.exit(128 + signum)
+        bar.close()
+        seconds = time.perf_counter() - start_time
+        images_per_s = (batch_in_epoch - start_batch) * config["batch_size"] / seconds
+        mean_loss = loss_sum / max(1, loss_count)
+        epoch, batch_in_epoch, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+        checkpoint(epoch, 0)
+        if master:
+            grid = os.path.join(args.out_dir, "samples", f"epoch_{epoch:03d}.png")
+            if config["preview_samples"]:
+                preview(ema, scheduler, config, device, precision, grid)
+            new_log = not os.path.exists(log_path)
+            with open(log_path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new_log:
+                    writer.writerow(["epoch", "step", "loss", "images_per_s", "seconds"])
+                writer.writerow([epoch, step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}"])
+            print(f"epoch {epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s, saved {ckpt_path}"
+                  + (f" and {grid}" if config["preview_samples"] else ""))
+    if master:
+        print(f"done: {config['epochs']} epochs, {step} steps. Sample with: python sampling.py --ckpt {ckpt_path}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:      # before the training loop took over Ctrl-C: nothing was written yet
+        fail("interrupted before training started; nothing was written", code=130)

@@ -1,0 +1,117 @@
+"""Pictures of the diffusion process.
+
+    python visualize.py schedule                 # default/schedule.png: the linear and cosine schedules against t
+    python visualize.py forward                  # default/forward.png: training images noised at t = 0 ... 999
+    python visualize.py forward --dataset fashion-mnist --schedule cosine
+    python visualize.py loss                     # default/loss.png: the loss curve from default/loss_log.csv
+
+(The reverse process as an animation: python sampling.py --gif.)
+"""
+import argparse
+import csv
+import os
+import sys
+
+import torch
+
+from dataset import DATASETS, DataError, load_dataset, to_model_range
+from noise_scheduler import SCHEDULES, make_scheduler
+from sampling import positive_int, save_grid
+
+FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
+
+
+def plot_schedule(path, num_timesteps=1000):
+    """betas, alpha-bar, sqrt(alpha-bar), sqrt(1 - alpha-bar) and the SNR against t, for each schedule."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.8))
+    t = torch.arange(num_timesteps)
+    for name in SCHEDULES:
+        s = make_scheduler(name, num_timesteps)
+        snr = s.alphas_cumprod / (1 - s.alphas_cumprod)
+        curves = [("beta_t", s.betas), ("alpha-bar_t", s.alphas_cumprod),
+                  ("sqrt(alpha-bar_t): signal scale", s.sqrt_alphas_cumprod),
+                  ("sqrt(1 - alpha-bar_t): noise scale", s.sqrt_one_minus_alphas_cumprod),
+                  ("SNR = alpha-bar / (1 - alpha-bar)", snr)]
+        for ax, (title, values) in zip(axes, curves):
+            ax.plot(t, values, label=name)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("t")
+    axes[0].set_yscale("log")
+    axes[4].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle(f"Noise schedules, T = {num_timesteps}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def forward_grid(images, scheduler, timesteps, seed=0):
+    """Rows of images noised by q(x_t | x_0) at each t in `timesteps` (one column per t), same noise per row."""
+    x0 = to_model_range(images)                                             # (N, C, H, W)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    columns = [scheduler.add_noise(x0, noise, torch.full((len(x0),), t)) for t in timesteps]
+    return torch.stack(columns, dim=1).flatten(0, 1)                       # (N * len(timesteps), C, H, W)
+
+
+def plot_loss(log_path, path):
+    """The mean training loss of each epoch, from loss_log.csv."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{log_path} has no epochs yet")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean MSE loss of the epoch")
+    ax.set_yscale("log")
+    ax.set_title("Training loss")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Pictures of the noise schedule, the forward process and the loss.")
+    p.add_argument("what", choices=["schedule", "forward", "loss"])
+    p.add_argument("--out", help="output PNG (default default/<what>.png)")
+    p.add_argument("--num-timesteps", type=positive_int, default=1000)
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="linear", help="for forward")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="for forward")
+    p.add_argument("--data-dir", default="data", help="for forward")
+    p.add_argument("--image-size", type=positive_int, default=32, help="for forward with --dataset folder")
+    p.add_argument("--num-images", type=positive_int, default=6, help="for forward: rows")
+    p.add_argument("--log", default=os.path.join("default", "loss_log.csv"), help="for loss")
+    args = p.parse_args(argv)
+    out = args.out or os.path.join("default", f"{args.what}.png")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    if args.what == "schedule":
+        plot_schedule(out, args.num_timesteps)
+    elif args.what == "forward":
+        try:
+            images, _ = load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size)
+        except DataError as e:
+            sys.exit(f"error: {e}")
+        scheduler = make_scheduler(args.schedule, args.num_timesteps)
+        timesteps = [t for t in FORWARD_TIMESTEPS if t < args.num_timesteps]
+        rows = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.num_images]]
+        save_grid(forward_grid(rows, scheduler, timesteps), out, nrow=len(timesteps))
+        print(f"columns: t = {', '.join(map(str, timesteps))}")
+    else:
+        if not os.path.isfile(args.log):
+            sys.exit(f"error: there is no loss log at {args.log}; train first, or pass --log")
+        try:
+            plot_loss(args.log, out)
+        except (ValueError, KeyError) as e:
+            sys.exit(f"error: {args.log} is not a loss log written by training.py ({e})")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
