@@ -95,6 +95,8 @@ def build_parser():
     a("--out-dir", default="default", help="checkpoint, samples and loss log folder (default default)")
     a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
     a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
+    a("--max-minutes", type=positive_float, help="stop after this many minutes of training, saving the checkpoint "
+      "mid-epoch (exit 0); --resume continues the run exactly")
     return p
 
 
@@ -299,6 +301,7 @@ def main(argv=None):
         train_model = torch.compile(train_model)
 
     stop = StopRequest()
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     n_images = images.shape[0]
     local_batch = config["batch_size"] // world
     batches_per_epoch = n_images // config["batch_size"]
@@ -372,20 +375,24 @@ def main(argv=None):
             bar.update(config["batch_size"])
             if step % 10 == 0 or batch_in_epoch == batches_per_epoch:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
-            stop_now = stop.signum is not None
-            if world > 1:
-                flag = torch.tensor([float(stop_now)], device=device)
-                dist.all_reduce(flag)
-                stop_now = flag.item() > 0
-            if stop_now:
+            by_signal, out_of_time = stop.signum is not None, deadline is not None and time.monotonic() > deadline
+            if world > 1:                                   # every process stops at the same step
+                flags = torch.tensor([float(by_signal), float(out_of_time)], device=device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                by_signal, out_of_time = bool(flags[0]), bool(flags[1])
+            if by_signal or out_of_time:
                 bar.close()
                 checkpoint(epoch, batch_in_epoch)
-                signum = stop.signum or signal.SIGTERM
                 if master:
-                    print(f"saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{batches_per_epoch} "
+                    reason = "stopped by a signal" if by_signal else f"--max-minutes {args.max_minutes:g} reached"
+                    print(f"{reason}: saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{batches_per_epoch} "
                           f"(step {step}); continue with: python training.py --resume --out-dir {args.out_dir}",
-                          file=sys.stderr)
-                sys.exit(128 + signum)
+                          file=sys.stderr if by_signal else sys.stdout)
+                if by_signal:
+                    sys.exit(128 + (stop.signum or signal.SIGTERM))
+                if world > 1:
+                    dist.destroy_process_group()
+                return
         bar.close()
         seconds = time.perf_counter() - start_time
         images_per_s = (batch_in_epoch - start_batch) * config["batch_size"] / seconds

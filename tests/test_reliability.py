@@ -138,3 +138,17 @@ def test_unwritable_output_folder_fails_before_training(data_dir, tmp_path):
     result = run_script("training.py", "--data-dir", data_dir, "--out-dir", blocker / "out", *TINY_MODEL, check=False)
     assert result.returncode == 1 and "cannot be written" in result.stderr and "Traceback" not in result.stderr
     assert "training on" not in result.stdout
+
+
+def test_max_minutes_stops_cleanly_mid_epoch_and_resume_finishes_the_run(data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "8", "--preview-samples", "0",
+              "--epochs", "1", *TINY_MODEL]
+    result = run_script(*common, "--max-minutes", "0.0001")         # 6 ms: stops after the first step or two
+    assert "--max-minutes 0.0001 reached" in result.stdout and "--resume" in result.stdout
+    state = load(out / "ddpm_ckpt.pth")
+    assert 1 <= state["step"] < 256 // 8 and state["epoch"] == 0
+    assert state["step"] == state["batch_in_epoch"]
+    run_script(*common, "--resume")
+    state = load(out / "ddpm_ckpt.pth")
+    assert state["step"] == 256 // 8 and state["epoch"] == 1
