@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from noise_scheduler import make_scheduler
 from sampling import int_list, positive_int, sample
 from training import DEFAULTS, model_shape
-from unet import UNet, autocast, count_flops, pick_device, resolve_precision
+from unet import UNet, autocast, compile_for_sampling, count_flops, pick_device, resolve_precision
 
 
 def synchronize(device):
@@ -79,7 +79,8 @@ def ddpm_seconds(model, scheduler, device, precision, n, steps):
     """Seconds for the first `steps` ancestral steps (algorithm 2) on n images."""
     x = torch.randn(n, model.in_channels, model.image_size, model.image_size, device=device)
     with autocast(device, precision):
-        model(x, torch.zeros(n, dtype=torch.long, device=device))            # warm-up
+        for _ in range(3):                                                     # warm-up (compiling, CUDA graphs)
+            model(x, torch.zeros(n, dtype=torch.long, device=device))
         synchronize(device)
         start = time.perf_counter()
         for t in scheduler.timesteps()[:steps]:
@@ -118,7 +119,7 @@ def main(argv=None):
     p.add_argument("--num-res-blocks", type=positive_int, default=d["num_res_blocks"])
     p.add_argument("--in-channels", type=positive_int, default=1)
     p.add_argument("--image-size", type=positive_int, default=28)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training and sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     try:
@@ -141,6 +142,8 @@ def main(argv=None):
     peak_fp32 = matmul_peak(device, torch.float32)
     train_ips = train_throughput(model, scheduler, device, precision, args.batch_size, args.train_steps, args.compile)
     model.eval()
+    if args.compile:
+        model = compile_for_sampling(model, device)
     ddpm_part = ddpm_seconds(model, scheduler, device, precision, args.num_samples, args.ddpm_steps)
     ddim50 = ddim_seconds(model, scheduler, device, precision, args.num_samples, 50)
     peak = peak_bf16 if precision == "bf16" else peak_fp32

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
 from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
-from sampling import DEFAULT_GUIDANCE, build_from_checkpoint, positive_int, sample
-from unet import autocast, pick_device, resolve_precision
+from sampling import DEFAULT_GUIDANCE, build_from_checkpoint, check_sampling_options, positive_int, sample
+from unet import autocast, resolve_precision
 
 CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are then retrained
 FEATURE_DIM = 128
@@ -488,14 +488,7 @@ def parse_args(argv=None):
         args.num_samples = args.num_samples or 1000
     if args.num_samples is not None and args.num_samples < 2:
         p.error("--num-samples must be at least 2: FID needs a covariance")
-    if not 0.0 <= args.eta <= 1.0:
-        p.error(f"--eta must lie between 0 and 1, got {args.eta}")
-    if args.guidance_scale < 0:
-        p.error(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
-    try:
-        args.device = pick_device(args.device)
-    except ValueError as e:
-        p.error(str(e))
+    check_sampling_options(args, p)
     return args, p
 
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, all_finite, load_checkpoint
 from dataset import to_uint8
 from noise_scheduler import make_scheduler
-from unet import UNet, autocast, pick_device, resolve_precision
+from unet import UNet, autocast, compile_for_sampling, pick_device, resolve_precision
 
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
               "attention_resolutions", "dropout", "num_heads", "num_classes")
@@ -149,15 +149,23 @@ def parse_args(argv=None):
                    help="also save the grid of predicted x_0 every K steps as x0_{t}.png")
     p.add_argument("--gif", action="store_true", help="also write reverse.gif, an animation of the reverse process")
     p.add_argument("--gif-of", choices=["xt", "x0"], default="xt", help="animate x_t (default) or the predicted x_0")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU; worth it there)")
     p.add_argument("--individual", action="store_true", help="also save every sample as its own PNG in OUT_DIR/individual/")
     args = p.parse_args(argv)
+    check_sampling_options(args, p)
+    return args, p
+
+
+def check_sampling_options(args, parser):
+    """Usage errors (exit 2) for the sampling options shared with evaluate.py; resolves args.device."""
     if not 0.0 <= args.eta <= 1.0:
-        p.error(f"--eta must lie between 0 and 1, got {args.eta}")
+        parser.error(f"--eta must lie between 0 and 1, got {args.eta}")
+    if args.guidance_scale < 0:
+        parser.error(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:
-        p.error(str(e))
-    return args, p
+        parser.error(str(e))
 
 
 def main(argv=None):
@@ -172,6 +180,8 @@ def main(argv=None):
         model, scheduler, config = build_from_checkpoint(ckpt, args.device)
     except CheckpointError as e:
         sys.exit(f"error: {args.ckpt}: {e}")
+    if args.compile:
+        model = compile_for_sampling(model, args.device)
     T = scheduler.num_timesteps
     if args.sampler == "ddim" and max(args.steps) > T:
         parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
@@ -180,8 +190,6 @@ def main(argv=None):
         parser.error(f"--label {args.label}: {args.ckpt} holds an unconditional model (train with --conditional)")
     if args.label is not None and not 0 <= args.label < num_classes:
         parser.error(f"--label {args.label} is outside the model's classes 0..{num_classes - 1}")
-    if args.guidance_scale < 0:
-        parser.error(f"--guidance-scale must be 0 or more, got {args.guidance_scale}")
     precision = resolve_precision(args.precision, args.device)
     try:
         os.makedirs(args.out_dir, exist_ok=True)

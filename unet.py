@@ -232,6 +232,12 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
+def compile_for_sampling(model, device):
+    """torch.compile for the reverse process: on a GPU with CUDA graphs ("reduce-overhead"), so that the
+    T small sequential steps are not bound by kernel launches.  The module's attributes stay reachable."""
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def count_flops(model, batch_size=1):
     """Forward-pass FLOPs per image (a multiply-add counts as 2), from PyTorch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode

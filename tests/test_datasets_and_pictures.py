@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY_MODEL, make_digits, run_script, write_idx
+from conftest import make_digits, run_script, write_idx
 from dataset import DataError, load_dataset
 from test_scripts import load
 

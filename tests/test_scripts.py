@@ -2,7 +2,6 @@
 import csv
 import os
 import pickle
-import shutil
 
 import pytest
 import torch
@@ -96,9 +95,12 @@ def test_resume_with_contradicting_options_names_them(train_tiny, tmp_path):
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "1")
     before = (out / "ddpm_ckpt.pth").read_bytes()
-    result = train_tiny(out, "--epochs", "2", "--resume", "--channels", "16", "--schedule", "cosine", check=False)
+    result = train_tiny(out, "--epochs", "2", "--resume", "--channels", "16", "--schedule", "cosine",
+                        "--dataset", "fashion-mnist", "--image-size", "32", check=False)
     assert result.returncode == 2
     assert "--channels 16 (checkpoint: 8)" in result.stderr and "--schedule cosine (checkpoint: linear)" in result.stderr
+    assert "--dataset fashion-mnist (checkpoint: mnist)" in result.stderr
+    assert "--image-size 32 (checkpoint: 28)" in result.stderr
     assert (out / "ddpm_ckpt.pth").read_bytes() == before
 
 
