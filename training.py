@@ -42,6 +42,17 @@ DEFAULTS = dict(
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
             "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout")
 CKPT_NAME = "ddpm_ckpt.pth"
+STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
+
+
+def append_csv(path, header, row):
+    """Append a row to a CSV file, writing the header first if the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
 
 
 def positive_float(text):
@@ -204,14 +215,16 @@ def ema_update(ema, model, step, max_decay):
 
 
 def preview(ema, scheduler, config, device, precision, path):
-    """A grid of EMA samples from fixed noise (DDIM), so epochs can be compared by eye."""
+    """A grid of EMA samples from fixed noise (stochastic DDIM), so epochs can be compared by eye."""
     n = config["preview_samples"]
     generator = torch.Generator(device=device).manual_seed(1234)
     labels = None
     if config["conditional"]:     # row k of the 10-column grid is class k
         labels = torch.arange(n, device=device) // 10 % ema.num_classes
+    # eta = 1: stochastic DDIM, which forgives a young model's errors as the ancestral sampler does; the
+    # deterministic eta = 0 turns many of an early model's samples into saturated texture.
     x = sample(ema, scheduler, n, device=device, precision=precision, generator=generator, sampler="ddim",
-               steps=min(config["preview_steps"], scheduler.num_timesteps), labels=labels,
+               steps=min(config["preview_steps"], scheduler.num_timesteps), eta=1.0, labels=labels,
                guidance_scale=DEFAULT_GUIDANCE, progress=False)
     save_grid(x, path)
 
@@ -308,6 +321,8 @@ def main(argv=None):
     if batches_per_epoch == 0:
         fail(f"the dataset has {n_images} images, fewer than one batch of {config['batch_size']}")
     log_path = os.path.join(args.out_dir, "loss_log.csv")
+    step_log_path = os.path.join(args.out_dir, "loss_steps.csv")
+    window_sum, window_count = 0.0, 0
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"training on {n_images} {config['dataset']} images, {device.type} ({precision}), {world} process(es), "
@@ -372,6 +387,11 @@ def main(argv=None):
             ema_update(ema, model, step, config["ema_decay"])
             batch_in_epoch += 1
             loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+            window_sum, window_count = window_sum + loss_value, window_count + 1
+            if step % STEP_LOG_EVERY == 0:
+                if master:
+                    append_csv(step_log_path, ["step", "epoch", "loss"], [step, epoch + 1, f"{window_sum / window_count:.6f}"])
+                window_sum, window_count = 0.0, 0
             bar.update(config["batch_size"])
             if step % 10 == 0 or batch_in_epoch == batches_per_epoch:
                 bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -403,12 +423,8 @@ def main(argv=None):
             grid = os.path.join(args.out_dir, "samples", f"epoch_{epoch:03d}.png")
             if config["preview_samples"]:
                 preview(ema, scheduler, config, device, precision, grid)
-            new_log = not os.path.exists(log_path)
-            with open(log_path, "a", newline="") as f:
-                writer = csv.writer(f)
-                if new_log:
-                    writer.writerow(["epoch", "step", "loss", "images_per_s", "seconds"])
-                writer.writerow([epoch, step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}"])
+            append_csv(log_path, ["epoch", "step", "loss", "images_per_s", "seconds"],
+                       [epoch, step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}"])
             print(f"epoch {epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s, saved {ckpt_path}"
                   + (f" and {grid}" if config["preview_samples"] else ""))
     if master:

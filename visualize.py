@@ -4,6 +4,7 @@
     python visualize.py forward                  # default/forward.png: training images noised at t = 0 ... 999
     python visualize.py forward --dataset fashion-mnist --schedule cosine
     python visualize.py loss                     # default/loss.png: the loss curve from default/loss_log.csv
+                                                 # (and loss_steps.csv beside it)
 
 (The reverse process as an animation: python sampling.py --gif.)
 """
@@ -56,22 +57,33 @@ def forward_grid(images, scheduler, timesteps, seed=0):
     return torch.stack(columns, dim=1).flatten(0, 1)                       # (N * len(timesteps), C, H, W)
 
 
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def plot_loss(log_path, path):
-    """The mean training loss of each epoch, from loss_log.csv."""
+    """The training loss against the optimizer step: the mean of every 50 steps from loss_steps.csv
+    (beside the log, when the run has one) and the mean of each epoch from loss_log.csv."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    with open(log_path) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+    epochs = read_csv(log_path)
+    step_log = os.path.join(os.path.dirname(log_path), "loss_steps.csv")
+    steps = read_csv(step_log) if os.path.isfile(step_log) else []
+    if not epochs and not steps:
         raise ValueError(f"{log_path} has no epochs yet")
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker="o")
+    if steps:
+        ax.plot([int(r["step"]) for r in steps], [float(r["loss"]) for r in steps], lw=1, label="mean of 50 steps")
+    if epochs:
+        ax.plot([int(r["step"]) for r in epochs], [float(r["loss"]) for r in epochs], "o-", label="mean of the epoch")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean MSE loss of the epoch")
+    ax.set_ylabel("MSE loss ||eps - eps_theta||^2")
     ax.set_yscale("log")
     ax.set_title("Training loss")
     ax.grid(True, alpha=0.3)
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
