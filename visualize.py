@@ -68,8 +68,8 @@ def plot_loss(log_path, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    epochs = read_csv(log_path)
     step_log = os.path.join(os.path.dirname(log_path), "loss_steps.csv")
+    epochs = read_csv(log_path) if os.path.isfile(log_path) else []         # none before the first epoch ends
     steps = read_csv(step_log) if os.path.isfile(step_log) else []
     if not epochs and not steps:
         raise ValueError(f"{log_path} has no epochs yet")
@@ -116,8 +116,9 @@ def main(argv=None):
         save_grid(forward_grid(rows, scheduler, timesteps), out, nrow=len(timesteps))
         print(f"columns: t = {', '.join(map(str, timesteps))}")
     else:
-        if not os.path.isfile(args.log):
-            sys.exit(f"error: there is no loss log at {args.log}; train first, or pass --log")
+        step_log = os.path.join(os.path.dirname(args.log), "loss_steps.csv")
+        if not os.path.isfile(args.log) and not os.path.isfile(step_log):
+            sys.exit(f"error: there is no loss log at {args.log} (nor loss_steps.csv beside it); train first, or pass --log")
         try:
             plot_loss(args.log, out)
         except (ValueError, KeyError) as e:
