@@ -57,6 +57,11 @@ def forward_grid(images, scheduler, timesteps, seed=0):
     return torch.stack(columns, dim=1).flatten(0, 1)                       # (N * len(timesteps), C, H, W)
 
 
+def step_log_of(log_path):
+    """training.py writes loss_steps.csv (the mean of every 50 steps) beside loss_log.csv (one row an epoch)."""
+    return os.path.join(os.path.dirname(log_path), "loss_steps.csv")
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -68,7 +73,7 @@ def plot_loss(log_path, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    step_log = os.path.join(os.path.dirname(log_path), "loss_steps.csv")
+    step_log = step_log_of(log_path)
     epochs = read_csv(log_path) if os.path.isfile(log_path) else []         # none before the first epoch ends
     steps = read_csv(step_log) if os.path.isfile(step_log) else []
     if not epochs and not steps:
@@ -116,8 +121,7 @@ def main(argv=None):
         save_grid(forward_grid(rows, scheduler, timesteps), out, nrow=len(timesteps))
         print(f"columns: t = {', '.join(map(str, timesteps))}")
     else:
-        step_log = os.path.join(os.path.dirname(args.log), "loss_steps.csv")
-        if not os.path.isfile(args.log) and not os.path.isfile(step_log):
+        if not os.path.isfile(args.log) and not os.path.isfile(step_log_of(args.log)):
             sys.exit(f"error: there is no loss log at {args.log} (nor loss_steps.csv beside it); train first, or pass --log")
         try:
             plot_loss(args.log, out)
