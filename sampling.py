@@ -8,12 +8,12 @@
 The model, its noise schedule, image size and channels are all rebuilt from the checkpoint.
 """
 import argparse
+import math
 import os
 import sys
 import time
 
 import torch
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
@@ -91,16 +91,25 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     return x.clamp(-1, 1)                                                      # line 6: return x_0
 
 
-def save_grid(x, path, nrow=10):
-    """Save images in [-1, 1] as one grid PNG, `nrow` images per row."""
-    save_image((x.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=2, pad_value=1.0)
-
-
-def grid_frame(x, nrow=10):
-    """A PIL image of a grid of images in [-1, 1]."""
+def grid_frame(x, nrow=10, padding=2):
+    """A PIL image of a batch of images (B, C, H, W), floats in [-1, 1] or uint8: `nrow` images per row,
+    `padding` white pixels around each; grayscale for one channel, RGB for three."""
     from PIL import Image
-    grid = make_grid((x.float().clamp(-1, 1) + 1) / 2, nrow=nrow, padding=2, pad_value=1.0)
-    return Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    images = (x if x.dtype == torch.uint8 else to_uint8(x)).cpu()
+    b, c, h, w = images.shape
+    columns = min(nrow, b)
+    rows = math.ceil(b / columns)
+    grid = torch.full((c, padding + rows * (h + padding), padding + columns * (w + padding)), 255, dtype=torch.uint8)
+    for i in range(b):
+        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i]
+    pixels = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
+
+
+def save_grid(x, path, nrow=10, padding=2):
+    """Save images (floats in [-1, 1], or uint8) as one grid PNG, `nrow` images per row."""
+    grid_frame(x, nrow, padding).save(path)
 
 
 def save_gif(frames, path, seconds=4.0):
@@ -203,12 +212,12 @@ def main(argv=None):
         seconds = time.perf_counter() - start
         suffix = "" if len(runs) == 1 else f"_ddim_{steps}"
         final = os.path.join(args.out_dir, "x0_0.png" if len(runs) == 1 else f"ddim_{steps}.png")
-        save_grid(images.float() / 127.5 - 1, final)
+        save_grid(images, final)
         label = f"{T}-step DDPM" if sampler == "ddpm" else f"{steps}-step DDIM (eta {args.eta:g})"
         print(f"{args.num_samples} samples, {label}, {seconds:.1f} s on {args.device.type} ({precision}): wrote {final}")
         for t, grid in snapshots.items():
             if t != 0 or len(runs) > 1:
-                save_grid(torch.cat(grid).float() / 127.5 - 1, os.path.join(args.out_dir, f"x0_{t}{suffix}.png"))
+                save_grid(torch.cat(grid), os.path.join(args.out_dir, f"x0_{t}{suffix}.png"))
         if snapshots:
             print(f"wrote the predicted x_0 every {args.save_every} steps as x0_{{t}}{suffix}.png in {args.out_dir}")
         if args.gif:
@@ -219,7 +228,7 @@ def main(argv=None):
             folder = os.path.join(args.out_dir, f"individual{suffix}")
             os.makedirs(folder, exist_ok=True)
             for i, img in enumerate(images):
-                save_image(img.float() / 255.0, os.path.join(folder, f"{i:05d}.png"))
+                save_grid(img[None], os.path.join(folder, f"{i:05d}.png"), padding=0)
             print(f"wrote {len(images)} PNGs to {folder}")
 
 
