@@ -3,20 +3,25 @@
     python dataset.py mnist                            # checks that MNIST is in data/ and prints its size
     python dataset.py folder --data-dir photos --image-size 64
 
-mnist, fashion-mnist   torchvision reads the four IDX files from <data-dir>/MNIST/raw/ (or
-                       <data-dir>/FashionMNIST/raw/) and downloads them when they are missing.
+mnist, fashion-mnist   the four IDX files in <data-dir>/MNIST/raw/ (or <data-dir>/FashionMNIST/raw/),
+                       read directly; torchvision downloads them when they are missing.
 cifar10                torchvision reads <data-dir>/cifar-10-batches-py/ (or downloads it).
 folder                 every PNG / JPEG below <data-dir>, converted to RGB, the shorter side resized
                        to --image-size and centre-cropped; labels come from the sub-folder names
                        when the images sit in sub-folders (<data-dir>/cats/..., <data-dir>/dogs/...).
+                       Decoded by DataLoader worker processes; a folder whose decoded images would
+                       take more than IN_MEMORY_BYTES stays on disk and is decoded batch by batch.
 Images are scaled to [-1, 1], the range the reverse process ends in.
 """
 import gzip
+import math
 import os
 import shutil
 import sys
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 # Where Debian's package dataset-fashion-mnist puts the Fashion-MNIST files (apt-get install dataset-fashion-mnist).
@@ -24,6 +29,8 @@ DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 NATURAL_IMAGES = ("cifar10", "folder")      # these get random horizontal flips; digits and clothes do not
+TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}    # where torchvision keeps the raw files
+IN_MEMORY_BYTES = 1 << 30    # image folders up to 1 GiB of decoded uint8 pixels are held in memory
 
 
 class DataError(Exception):
@@ -43,7 +50,22 @@ CLASS_NAMES = {
 
 
 def raw_folder(name, data_dir):
-    return os.path.join(data_dir, _torchvision_class(name).__name__, "raw")
+    return os.path.join(data_dir, TORCHVISION_FOLDER[name], "raw")
+
+
+def read_idx(path):
+    """An IDX file, the format MNIST ships in, as a uint8 array: two zero bytes, the type 0x08 (unsigned
+    byte), the number of dimensions, each dimension as a big-endian uint32, then the values."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or not 1 <= data[3] <= 3:
+        raise ValueError(f"{os.path.basename(path)} is not an IDX file of bytes")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    values = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if values.size != math.prod(shape):
+        raise ValueError(f"{os.path.basename(path)} holds {values.size} values, its header says {math.prod(shape)}")
+    return values.reshape(shape)
 
 
 def _unpack_gz_files(raw, sources):
@@ -62,15 +84,16 @@ def _unpack_gz_files(raw, sources):
                 break
 
 
-def load_dataset(name, data_dir="data", train=True, download=True, image_size=None):
+def load_dataset(name, data_dir="data", train=True, download=True, image_size=None, stream=None, workers=None):
     """Return (images, labels): images uint8 (N, C, H, W), labels int64 (N,), or None for unlabelled folders.
+    A large image folder (or any, with stream=True) comes as a FolderImages that decodes on demand.
 
     Raises DataError with a message that names the folder where the files belong.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if name == "folder":
-        return load_folder(data_dir, image_size or 32)
+        return load_folder(data_dir, image_size or 32, stream, workers)
     if name == "cifar10":
         return load_cifar10(data_dir, train, download)
     raw = raw_folder(name, data_dir)
@@ -82,20 +105,24 @@ def load_dataset(name, data_dir="data", train=True, download=True, image_size=No
     have_files = all(os.path.exists(os.path.join(raw, f)) for f in IDX_FILES)
     help_text = (f"put the four IDX files ({', '.join(IDX_FILES)}, or the same names ending in .gz) "
                  f"in {raw}{os.sep} and run again")
+    if not have_files:
+        try:
+            if not download:
+                raise FileNotFoundError("downloads are off")
+            _torchvision_class(name)(data_dir, train=train, download=True)
+        except Exception as e:   # torchvision raises RuntimeError, URLError, OSError, ... depending on what failed
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{name} is not in {raw} and could not be downloaded ({reason}); {help_text}") from None
+    split = "train" if train else "t10k"
     try:
-        ds = _torchvision_class(name)(data_dir, train=train, download=download and not have_files)
-    except Exception as e:   # torchvision raises RuntimeError, URLError, OSError, ... depending on what failed
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if have_files:
-            raise DataError(f"the {name} files in {raw} cannot be read ({reason}); replace them: {help_text}") from None
-        raise DataError(f"{name} is not in {raw} and could not be downloaded ({reason}); {help_text}") from None
-    images = ds.data
-    if images.ndim == 3:                     # (N, H, W) -> (N, 1, H, W)
-        images = images.unsqueeze(1)
-    labels = torch.as_tensor(ds.targets, dtype=torch.long)
-    if images.dtype != torch.uint8 or len(images) == 0 or len(images) != len(labels):
+        images = read_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"))
+        labels = read_idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"the {name} files in {raw} cannot be read ({e}); replace them: {help_text}") from None
+    if images.ndim != 3 or labels.ndim != 1 or len(images) == 0 or len(images) != len(labels):
         raise DataError(f"the {name} files in {raw} hold no usable images; {help_text}")
-    return images.contiguous(), labels
+    images = torch.from_numpy(images.copy()).unsqueeze(1)                    # (N, H, W) -> (N, 1, H, W)
+    return images, torch.from_numpy(labels.astype(np.int64))
 
 
 def load_cifar10(data_dir, train, download):
@@ -126,27 +153,109 @@ def find_images(root):
     return found
 
 
-def load_folder(root, image_size):
-    """Every image below root as RGB, shorter side resized to image_size and centre-cropped."""
-    from PIL import Image, UnidentifiedImageError
-    from torchvision.transforms import functional as TF
+def decode_image(path, image_size):
+    """An image file as uint8 (3, image_size, image_size): RGB, the shorter side resized (bicubic, antialiased)
+    to image_size, then the centre cropped.  None if the file cannot be read as an image."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    w, h = img.size
+    scale = image_size / min(w, h)
+    w, h = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+    img = img.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - image_size) // 2, (h - image_size) // 2
+    pixels = np.asarray(img.crop((left, top, left + image_size, top + image_size)))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+class _DecodedFiles(torch.utils.data.Dataset):
+    """What a DataLoader worker does: decode file i; an unreadable file gives a blank image and ok = False,
+    so that the main process can name it (an exception raised in a worker would arrive as a traceback)."""
+
+    def __init__(self, paths, image_size):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        image = decode_image(self.paths[i], self.image_size)
+        if image is None:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), False
+        return image, True
+
+
+def _quiet_worker(_):
+    """Ctrl-C and SIGTERM are for the training process, which saves and then ends its workers; a worker that
+    died on the signal first would turn a clean stop into a 'worker exited unexpectedly' crash."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def default_workers():
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class FolderImages:
+    """A folder of images too large for memory, used like the uint8 tensor (N, 3, S, S) it stands for:
+    len(), .shape, and images[indices] decodes those images.  batches() streams many batches through
+    DataLoader worker processes, which decode the next batches while the model trains on this one."""
+
+    def __init__(self, paths, image_size, workers=None):
+        self.paths, self.image_size = paths, image_size
+        self.workers = default_workers() if workers is None else workers
+        self.shape = torch.Size((len(paths), 3, image_size, image_size))
+        self.device = torch.device("cpu")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def batches(self, index_lists, pin_memory=False):
+        """uint8 batches (B, 3, S, S) of the given index lists, in order."""
+        files = _DecodedFiles(self.paths, self.image_size)
+        loader = torch.utils.data.DataLoader(files, batch_sampler=[[int(i) for i in idx] for idx in index_lists],
+                                             num_workers=self.workers, pin_memory=pin_memory,
+                                             worker_init_fn=_quiet_worker if self.workers else None)
+        for idx, (images, ok) in zip(index_lists, loader):
+            if not ok.all():
+                path = self.paths[int(idx[int((~ok).nonzero()[0])])]
+                raise DataError(f"the image file {path} cannot be read as an image; remove or replace it")
+            yield images
+
+    def __getitem__(self, idx):
+        idx = torch.as_tensor(idx)
+        batch = next(self.batches([idx.reshape(-1)]))
+        return batch[0] if idx.ndim == 0 else batch
+
+
+def load_folder(root, image_size, stream=None, workers=None):
+    """Every image below root as RGB, shorter side resized to image_size and centre-cropped, and the labels
+    of their sub-folders (None when the images are not in sub-folders).  The images are one uint8 tensor,
+    or, with stream=True or when they would take more than IN_MEMORY_BYTES, a FolderImages."""
     if not os.path.isdir(root):
         raise DataError(f"the image folder {root} does not exist; pass the folder that holds your images as --data-dir")
     found = find_images(root)
     if not found:
         raise DataError(f"the image folder {root} holds no PNG or JPEG images")
     classes = sorted({c for _, c in found})
-    labelled = "" not in classes
-    images = torch.empty(len(found), 3, image_size, image_size, dtype=torch.uint8)
-    for i, (path, _) in enumerate(found):
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"the image file {path} cannot be read ({type(e).__name__}); remove or replace it") from None
-        img = TF.center_crop(TF.resize(img, image_size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True), image_size)
-        images[i] = TF.pil_to_tensor(img)
-    labels = torch.tensor([classes.index(c) for _, c in found]) if labelled else None
+    labels = torch.tensor([classes.index(c) for _, c in found]) if "" not in classes else None
+    paths = [path for path, _ in found]
+    if stream is None:
+        stream = len(paths) * 3 * image_size ** 2 > IN_MEMORY_BYTES
+    # Small folders are not worth starting worker processes for.
+    folder = FolderImages(paths, image_size, workers if workers is not None else 0 if len(paths) < 2000 else None)
+    if stream:
+        return folder, labels
+    images = torch.empty(folder.shape, dtype=torch.uint8)
+    chunks = torch.arange(len(paths)).split(256)
+    with tqdm(total=len(paths), desc=f"decoding {root}", unit="img", disable=len(paths) < 2000) as bar:
+        for chunk, batch in zip(chunks, folder.batches(chunks)):
+            images[chunk] = batch
+            bar.update(len(chunk))
     return images, labels
 
 

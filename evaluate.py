@@ -410,6 +410,8 @@ def evaluate(args, parser, log):
     if args.samples is None:
         model, scheduler, config = load_model(args, parser)
         args.dataset = config["dataset"]
+    if args.dataset == "folder":
+        raise EvalError("the folder dataset has no test split apart from its training images to compare with")
     train, test = (load_dataset(args.dataset, args.data_dir, train=split) for split in (True, False))
     check_splits(args.dataset, train, test)
     channels, image_size = test[0].shape[1], test[0].shape[2]

@@ -103,6 +103,10 @@ def build_parser():
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 autocast where supported")
     a("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     a("--data-dir", default="data", help="dataset folder (default data)")
+    a("--stream", action="store_true", help="--dataset folder: decode the images from disk batch by batch instead of "
+      "holding them in memory (the default for folders above 1 GiB of decoded pixels)")
+    a("--workers", type=non_negative_int, help="DataLoader processes that decode a folder dataset "
+      "(default: the CPU count, at most 8; none for folders under 2,000 images)")
     a("--out-dir", default="default", help="checkpoint, samples and loss log folder (default default)")
     a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
     a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
@@ -206,6 +210,18 @@ def shard(order, batch, batch_size, rank, world):
     return order[first:first + local]
 
 
+def epoch_batches(images, labels, order, first_batch, batches_per_epoch, batch_size, rank, world, device):
+    """(uint8 images, labels) of batches first_batch.. of an epoch, this process's shard of each: indexed
+    from the dataset held in memory, or decoded from disk by DataLoader workers for a streamed folder."""
+    shards = [shard(order, b, batch_size, rank, world) for b in range(first_batch, batches_per_epoch)]
+    if isinstance(images, torch.Tensor):
+        batches = (images[idx.to(images.device)] for idx in shards)
+    else:
+        batches = images.batches(shards, pin_memory=device.type == "cuda")
+    for idx, x in zip(shards, batches):
+        yield x.to(device, non_blocking=True), None if labels is None else labels[idx.to(labels.device)].to(device)
+
+
 @torch.no_grad()
 def ema_update(ema, model, step, max_decay):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, with decay warming up as (1 + n) / (10 + n),
@@ -259,7 +275,7 @@ def main(argv=None):
 
     try:
         images, labels = load_dataset(config["dataset"], args.data_dir, train=True, download=master,
-                                      image_size=config["image_size"])
+                                      image_size=config["image_size"], stream=args.stream or None, workers=args.workers)
     except DataError as e:
         fail(str(e))
     if ckpt is None:
@@ -274,7 +290,7 @@ def main(argv=None):
     elif tuple(images.shape[1:]) != (config["in_channels"], config["image_size"], config["image_size"]):
         fail(f"the data in {args.data_dir} has images of shape {tuple(images.shape[1:])}, "
              f"but the checkpoint was trained on {config['in_channels']}x{config['image_size']}x{config['image_size']}")
-    if device.type == "cuda":                                        # the whole dataset lives on the GPU
+    if device.type == "cuda" and isinstance(images, torch.Tensor):  # the whole dataset lives on the GPU
         images = images.to(device)
         labels = labels.to(device) if labels is not None else None
 
@@ -352,68 +368,66 @@ def main(argv=None):
         # The epoch's order depends only on (seed, epoch): the same after a resume, and shared by all processes.
         order = torch.randperm(n_images, generator=torch.Generator().manual_seed(config["seed"] * 100003 + epoch))
         start_time, start_batch = time.perf_counter(), batch_in_epoch
-        bar = tqdm(total=batches_per_epoch * config["batch_size"], initial=batch_in_epoch * config["batch_size"],
-                   unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not master,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
-        train_model.train()
-        while batch_in_epoch < batches_per_epoch:
-            idx = shard(order, batch_in_epoch, config["batch_size"], rank, world).to(images.device)
-            x0 = to_model_range(images[idx]).to(device)                         # x_0 ~ q(x_0)     (line 2)
-            if config["hflip"]:
-                x0 = random_hflip(x0, generator)
-            t = scheduler.sample_timesteps(local_batch, generator, device)      # t ~ U{0..T-1}    (line 3)
-            noise = torch.randn(x0.shape, generator=generator, device=device)   # eps ~ N(0, I)    (line 4)
-            x_t = scheduler.add_noise(x0, noise, t)
-            y = None
-            if config["conditional"]:
-                y = labels[idx].to(device)
-                drop = torch.rand(local_batch, generator=generator, device=device) < config["label_dropout"]
-                y = torch.where(drop, torch.full_like(y, model.num_classes), y)  # the "no label" token
-            lr = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast(device, precision):
-                eps = train_model(x_t, t, y)
-            loss = F.mse_loss(eps.float(), noise)                               # ||eps - eps_theta||^2 (line 5)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                fail(f"the loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and "
-                     f"the last good checkpoint {ckpt_path} is kept. Try a lower --lr")
-            optimizer.step()
-            step += 1
-            ema_update(ema, model, step, config["ema_decay"])
-            batch_in_epoch += 1
-            loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
-            window_sum, window_count = window_sum + loss_value, window_count + 1
-            if step % STEP_LOG_EVERY == 0:
-                if master:
-                    append_csv(step_log_path, ["step", "epoch", "loss"], [step, epoch + 1, f"{window_sum / window_count:.6f}"])
-                window_sum, window_count = 0.0, 0
-            bar.update(config["batch_size"])
-            if step % 10 == 0 or batch_in_epoch == batches_per_epoch:
-                bar.set_postfix(loss=f"{loss_value:.4f}")
-            by_signal, out_of_time = stop.signum is not None, deadline is not None and time.monotonic() > deadline
-            if world > 1:                                   # every process stops at the same step
-                flags = torch.tensor([float(by_signal), float(out_of_time)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                by_signal, out_of_time = bool(flags[0]), bool(flags[1])
-            if by_signal or out_of_time:
-                bar.close()
-                checkpoint(epoch, batch_in_epoch)
-                if master:
-                    reason = "stopped by a signal" if by_signal else f"--max-minutes {args.max_minutes:g} reached"
-                    print(f"{reason}: saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{batches_per_epoch} "
-                          f"(step {step}); continue with: python training.py --resume --out-dir {args.out_dir}",
-                          file=sys.stderr if by_signal else sys.stdout)
-                if by_signal:
-                    sys.exit(128 + (stop.signum or signal.SIGTERM))
-                if world > 1:
-                    dist.destroy_process_group()
-                return
-        bar.close()
+        with tqdm(total=batches_per_epoch * config["batch_size"], initial=batch_in_epoch * config["batch_size"],
+                  unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not master,
+                  dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+            train_model.train()
+            data = epoch_batches(images, labels if config["conditional"] else None, order, batch_in_epoch,
+                                 batches_per_epoch, config["batch_size"], rank, world, device)
+            for x0_uint8, y in data:
+                x0 = to_model_range(x0_uint8)                                       # x_0 ~ q(x_0)     (line 2)
+                if config["hflip"]:
+                    x0 = random_hflip(x0, generator)
+                t = scheduler.sample_timesteps(local_batch, generator, device)      # t ~ U{0..T-1}    (line 3)
+                noise = torch.randn(x0.shape, generator=generator, device=device)   # eps ~ N(0, I)    (line 4)
+                x_t = scheduler.add_noise(x0, noise, t)
+                if config["conditional"]:
+                    drop = torch.rand(local_batch, generator=generator, device=device) < config["label_dropout"]
+                    y = torch.where(drop, torch.full_like(y, model.num_classes), y)  # the "no label" token
+                lr = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(device, precision):
+                    eps = train_model(x_t, t, y)
+                loss = F.mse_loss(eps.float(), noise)                               # ||eps - eps_theta||^2 (line 5)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    fail(f"the loss became {loss_value} at step {step + 1} (epoch {epoch + 1}); training stopped and "
+                         f"the last good checkpoint {ckpt_path} is kept. Try a lower --lr")
+                optimizer.step()
+                step += 1
+                ema_update(ema, model, step, config["ema_decay"])
+                batch_in_epoch += 1
+                loss_sum, loss_count = loss_sum + loss_value, loss_count + 1
+                window_sum, window_count = window_sum + loss_value, window_count + 1
+                if step % STEP_LOG_EVERY == 0:
+                    if master:
+                        append_csv(step_log_path, ["step", "epoch", "loss"], [step, epoch + 1, f"{window_sum / window_count:.6f}"])
+                    window_sum, window_count = 0.0, 0
+                bar.update(config["batch_size"])
+                if step % 10 == 0 or batch_in_epoch == batches_per_epoch:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+                by_signal, out_of_time = stop.signum is not None, deadline is not None and time.monotonic() > deadline
+                if world > 1:                                   # every process stops at the same step
+                    flags = torch.tensor([float(by_signal), float(out_of_time)], device=device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    by_signal, out_of_time = bool(flags[0]), bool(flags[1])
+                if by_signal or out_of_time:
+                    bar.close()
+                    checkpoint(epoch, batch_in_epoch)
+                    if master:
+                        reason = "stopped by a signal" if by_signal else f"--max-minutes {args.max_minutes:g} reached"
+                        print(f"{reason}: saved {ckpt_path} at epoch {epoch + 1}, batch {batch_in_epoch}/{batches_per_epoch} "
+                              f"(step {step}); continue with: python training.py --resume --out-dir {args.out_dir}",
+                              file=sys.stderr if by_signal else sys.stdout)
+                    if by_signal:
+                        sys.exit(128 + (stop.signum or signal.SIGTERM))
+                    if world > 1:
+                        dist.destroy_process_group()
+                    return
         seconds = time.perf_counter() - start_time
         images_per_s = (batch_in_epoch - start_batch) * config["batch_size"] / seconds
         mean_loss = loss_sum / max(1, loss_count)
@@ -436,5 +450,7 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+    except DataError as e:         # an image of a streamed folder that cannot be read; the last checkpoint is kept
+        fail(str(e))
     except KeyboardInterrupt:      # before the training loop took over Ctrl-C: nothing was written yet
         fail("interrupted before training started; nothing was written", code=130)

@@ -2,15 +2,20 @@
 import gzip
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import make_digits, run_script, write_idx
-from dataset import DataError, load_dataset
-from test_scripts import load
+import dataset
+from conftest import ROOT, make_digits, run_script, write_idx
+from dataset import DataError, FolderImages, load_dataset
+from test_scripts import assert_same_tensors, load
 
 
 def write_image_folder(root, n_per_class=12):
@@ -57,6 +62,56 @@ def test_folder_errors_name_the_problem(tmp_path):
     (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match="broken.png"):
         load_dataset("folder", str(tmp_path / "bad"), image_size=8)
+
+
+def test_a_folder_too_large_for_memory_is_streamed_and_decodes_the_same_images(tmp_path, monkeypatch):
+    root = write_image_folder(tmp_path / "imgs")
+    in_memory, labels = load_dataset("folder", str(root), image_size=16)
+    monkeypatch.setattr(dataset, "IN_MEMORY_BYTES", 24 * 3 * 16 * 16 - 1)         # one byte short of the folder
+    streamed, streamed_labels = load_dataset("folder", str(root), image_size=16, workers=2)
+    assert isinstance(streamed, FolderImages) and streamed.shape == in_memory.shape and len(streamed) == 24
+    assert torch.equal(streamed_labels, labels)
+    idx = torch.tensor([5, 0, 23, 5])
+    assert torch.equal(streamed[idx], in_memory[idx]) and torch.equal(streamed[7], in_memory[7])
+    batches = list(streamed.batches([torch.tensor([1, 2]), torch.tensor([20])]))
+    assert [b.shape[0] for b in batches] == [2, 1] and torch.equal(batches[1], in_memory[[20]])
+
+
+def test_streamed_folder_stops_resumes_and_trains_bit_for_bit_like_the_folder_in_memory(tmp_path):
+    """--stream: DataLoader workers decode each batch.  Ctrl-C (to the whole process group, workers included)
+    saves mid-epoch; the resumed run equals a run on the folder held in memory; a file that turns unreadable
+    later ends the run with one sentence and leaves the checkpoint alone."""
+    root = write_image_folder(tmp_path / "imgs")            # 24 images, 3 steps of 8 per epoch
+    common = ["--dataset", "folder", "--data-dir", root, "--image-size", "16", "--batch-size", "8", "--conditional",
+              "--preview-samples", "0", "--channels", "8", "--channel-mults", "1,2", "--num-timesteps", "20"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "training.py", *map(str, common), "--out-dir", str(stopped),
+                             "--epochs", "1000", "--stream", "--workers", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("training on"):
+            break
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)                        # what Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    state = load(stopped / "ddpm_ckpt.pth")
+    assert 0 < state["step"] < 3000 and state["step"] == 3 * state["epoch"] + state["batch_in_epoch"]
+    epochs = str(state["epoch"] + 2)
+    run_script("training.py", *common, "--out-dir", stopped, "--epochs", epochs, "--resume", "--stream", "--workers", "2")
+    run_script("training.py", *common, "--out-dir", tmp_path / "memory", "--epochs", epochs)
+    a, b = load(stopped / "ddpm_ckpt.pth"), load(tmp_path / "memory" / "ddpm_ckpt.pth")
+    for key in ("model", "ema", "optimizer", "step", "epoch"):
+        assert_same_tensors(a[key], b[key])
+
+    before = (stopped / "ddpm_ckpt.pth").read_bytes()
+    (root / "blues" / "img4.png").write_bytes(b"\x89PNG truncated")
+    broken = run_script("training.py", *common, "--out-dir", stopped, "--epochs", str(int(epochs) + 1), "--resume",
+                        "--stream", check=False)
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr
+    assert broken.stderr.strip().splitlines()[-1].startswith("error: the image file") and "img4.png" in broken.stderr
+    assert (stopped / "ddpm_ckpt.pth").read_bytes() == before
 
 
 def test_fashion_mnist_from_gz_files(tmp_path):
