@@ -31,6 +31,7 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 NATURAL_IMAGES = ("cifar10", "folder")      # these get random horizontal flips; digits and clothes do not
 TORCHVISION_FOLDER = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}    # where torchvision keeps the raw files
 IN_MEMORY_BYTES = 1 << 30    # image folders up to 1 GiB of decoded uint8 pixels are held in memory
+SMALL_FOLDER = 2000          # folders with fewer images are decoded without worker processes or a progress bar
 
 
 class DataError(Exception):
@@ -205,11 +206,9 @@ class FolderImages:
     len(), .shape, and images[indices] decodes those images.  batches() streams many batches through
     DataLoader worker processes, which decode the next batches while the model trains on this one."""
 
-    def __init__(self, paths, image_size, workers=None):
-        self.paths, self.image_size = paths, image_size
-        self.workers = default_workers() if workers is None else workers
+    def __init__(self, paths, image_size, workers):
+        self.paths, self.image_size, self.workers = paths, image_size, workers
         self.shape = torch.Size((len(paths), 3, image_size, image_size))
-        self.device = torch.device("cpu")
 
     def __len__(self):
         return len(self.paths)
@@ -246,13 +245,14 @@ def load_folder(root, image_size, stream=None, workers=None):
     paths = [path for path, _ in found]
     if stream is None:
         stream = len(paths) * 3 * image_size ** 2 > IN_MEMORY_BYTES
-    # Small folders are not worth starting worker processes for.
-    folder = FolderImages(paths, image_size, workers if workers is not None else 0 if len(paths) < 2000 else None)
+    if workers is None:
+        workers = 0 if len(paths) < SMALL_FOLDER else default_workers()
+    folder = FolderImages(paths, image_size, workers)
     if stream:
         return folder, labels
     images = torch.empty(folder.shape, dtype=torch.uint8)
     chunks = torch.arange(len(paths)).split(256)
-    with tqdm(total=len(paths), desc=f"decoding {root}", unit="img", disable=len(paths) < 2000) as bar:
+    with tqdm(total=len(paths), desc=f"decoding {root}", unit="img", disable=len(paths) < SMALL_FOLDER) as bar:
         for chunk, batch in zip(chunks, folder.batches(chunks)):
             images[chunk] = batch
             bar.update(len(chunk))

@@ -42,6 +42,7 @@ DEFAULTS = dict(
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
             "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout")
 CKPT_NAME = "ddpm_ckpt.pth"
+STEP_LOG_NAME = "loss_steps.csv"
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
 
 
@@ -337,7 +338,7 @@ def main(argv=None):
     if batches_per_epoch == 0:
         fail(f"the dataset has {n_images} images, fewer than one batch of {config['batch_size']}")
     log_path = os.path.join(args.out_dir, "loss_log.csv")
-    step_log_path = os.path.join(args.out_dir, "loss_steps.csv")
+    step_log_path = os.path.join(args.out_dir, STEP_LOG_NAME)
     window_sum, window_count = 0.0, 0
     if master:
         n_params = sum(p.numel() for p in model.parameters())

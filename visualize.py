@@ -18,6 +18,7 @@ import torch
 from dataset import DATASETS, DataError, load_dataset, to_model_range
 from noise_scheduler import SCHEDULES, make_scheduler
 from sampling import positive_int, save_grid
+from training import STEP_LOG_NAME
 
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 
@@ -59,7 +60,7 @@ def forward_grid(images, scheduler, timesteps, seed=0):
 
 def step_log_of(log_path):
     """training.py writes loss_steps.csv (the mean of every 50 steps) beside loss_log.csv (one row an epoch)."""
-    return os.path.join(os.path.dirname(log_path), "loss_steps.csv")
+    return os.path.join(os.path.dirname(log_path), STEP_LOG_NAME)
 
 
 def read_csv(path):
