@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from noise_scheduler import make_scheduler
 from sampling import int_list, positive_int, sample
 from training import DEFAULTS, model_shape
-from unet import UNet, autocast, compile_for_sampling, count_flops, pick_device, resolve_precision
+from unet import UNet, autocast, compile_for_sampling, count_flops, memory_format, pick_device, resolve_precision
 
 
 def synchronize(device):
@@ -131,7 +131,8 @@ def main(argv=None):
     shape = model_shape(args.in_channels, args.image_size, args.channel_mults)
     args.channel_mults = shape["channel_mults"]
     try:
-        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks).to(device)
+        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks)
+        model.to(device, memory_format=memory_format(device, training=True))
     except ValueError as e:
         p.error(str(e))
     scheduler = make_scheduler("linear", 1000).to(device)
@@ -141,7 +142,7 @@ def main(argv=None):
     peak_bf16 = matmul_peak(device, torch.bfloat16)
     peak_fp32 = matmul_peak(device, torch.float32)
     train_ips = train_throughput(model, scheduler, device, precision, args.batch_size, args.train_steps, args.compile)
-    model.eval()
+    model.to(memory_format=memory_format(device, training=False)).eval()
     if args.compile:
         model = compile_for_sampling(model, device)
     ddpm_part = ddpm_seconds(model, scheduler, device, precision, args.num_samples, args.ddpm_steps)

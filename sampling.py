@@ -19,7 +19,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, all_finite, load_checkpoint
 from dataset import to_uint8
 from noise_scheduler import make_scheduler
-from unet import UNet, autocast, compile_for_sampling, pick_device, resolve_precision
+from unet import UNet, autocast, compile_for_sampling, memory_format, pick_device, resolve_precision
 
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
               "attention_resolutions", "dropout", "num_heads", "num_classes")
@@ -40,7 +40,7 @@ def build_from_checkpoint(ckpt, device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"its weights do not fit the model its configuration describes ({detail})") from None
-    model.to(device).eval()
+    model.to(device, memory_format=memory_format(device, training=False)).eval()
     return model, scheduler, config
 
 

@@ -29,7 +29,7 @@ from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, load_chec
 from dataset import DATASETS, NATURAL_IMAGES, DataError, load_dataset, random_hflip, to_model_range
 from noise_scheduler import SCHEDULES, make_scheduler
 from sampling import DEFAULT_GUIDANCE, int_list, model_config, positive_int, sample, save_grid
-from unet import UNet, autocast, pick_device, resolve_precision
+from unet import UNet, autocast, memory_format, pick_device, resolve_precision
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
 DEFAULTS = dict(
@@ -297,10 +297,10 @@ def main(argv=None):
 
     torch.manual_seed(config["seed"])
     try:
-        model = UNet(**model_config(config)).to(device)
+        model = UNet(**model_config(config)).to(device, memory_format=memory_format(device, training=True))
     except ValueError as e:
         parser.error(str(e))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).to(memory_format=memory_format(device, training=False)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
     scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
     generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + rank)

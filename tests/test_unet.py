@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from unet import UNet, autocast, count_flops, pick_device, resolve_precision
+from unet import UNet, autocast, count_flops, memory_format, pick_device, resolve_precision
 
 
 def randomize_output(model):
@@ -42,6 +42,24 @@ def test_attention_only_at_listed_resolutions():
     n_attn = sum(isinstance(m, SelfAttention) for m in model.modules())
     # 7x7 level: 2 encoder blocks (num_res_blocks=2) + 3 decoder blocks, and one in the middle
     assert n_attn == 2 + 3 + 1
+
+
+@pytest.mark.parametrize("channels,size,mults", [(1, 28, (1, 2, 2)), (3, 32, (1, 2, 2, 2))])
+def test_channels_last_weights_give_the_same_prediction_in_nhwc(channels, size, mults):
+    """memory_format's promise: NHWC weights alone turn the activations NHWC, and nothing else changes."""
+    torch.manual_seed(0)
+    model = randomize_output(UNet(in_channels=channels, image_size=size, base_channels=8, channel_mults=mults,
+                                  attention_resolutions=(size // 4,), num_classes=10)).eval()
+    x, t, y = torch.randn(3, channels, size, size), torch.tensor([0, 400, 999]), torch.tensor([1, 2, 10])
+    seen = []                                  # the decoder's last activations, (3, 8, size, size)
+    model.conv_out.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    with torch.no_grad():
+        ref = model(x, t, y)
+        model.to(memory_format=memory_format(torch.device("cpu"), training=False))
+        out = model(x, t, y)
+    assert seen[0].is_contiguous() and not seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_image_size_must_divide_by_the_downsampling():
