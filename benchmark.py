@@ -17,11 +17,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from noise_scheduler import make_scheduler
 from sampling import int_list, positive_int, sample
-from training import DEFAULTS, model_shape
+from training import DEFAULTS, diffusion_loss, model_shape
 from unet import UNet, autocast, compile_for_sampling, count_flops, memory_format, pick_device, resolve_precision
 
 
@@ -55,11 +54,7 @@ def train_throughput(model, scheduler, device, precision, batch_size, steps, com
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
 
     def step():
-        t = scheduler.sample_timesteps(batch_size, device=device)
-        noise = torch.randn_like(x0)
-        with autocast(device, precision):
-            eps = net(scheduler.add_noise(x0, noise, t), t)
-        loss = F.mse_loss(eps.float(), noise)
+        loss = diffusion_loss(net, scheduler, x0, precision=precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

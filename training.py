@@ -223,6 +223,24 @@ def epoch_batches(images, labels, order, first_batch, batches_per_epoch, batch_s
         yield x.to(device, non_blocking=True), None if labels is None else labels[idx.to(labels.device)].to(device)
 
 
+def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision="fp32", label_dropout=0.0,
+                   null_label=None):
+    """Algorithm 1, lines 3-5, for a batch x_0: the simple objective
+        || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2.
+    A conditional model's labels are replaced by the "no label" token `null_label` with probability
+    `label_dropout`, so that one network learns both halves of classifier-free guidance."""
+    device = x0.device
+    t = scheduler.sample_timesteps(len(x0), generator, device)              # t ~ U{0..T-1}    (line 3, 0-based)
+    noise = torch.randn(x0.shape, generator=generator, device=device)       # eps ~ N(0, I)    (line 4)
+    x_t = scheduler.add_noise(x0, noise, t)
+    if labels is not None:
+        drop = torch.rand(len(x0), generator=generator, device=device) < label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    with autocast(device, precision):
+        eps = net(x_t, t, labels)
+    return F.mse_loss(eps.float(), noise)                                   # (line 5)
+
+
 @torch.no_grad()
 def ema_update(ema, model, step, max_decay):
     """theta_ema <- decay * theta_ema + (1 - decay) * theta, with decay warming up as (1 + n) / (10 + n),
@@ -333,7 +351,6 @@ def main(argv=None):
     stop = StopRequest()
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     n_images = images.shape[0]
-    local_batch = config["batch_size"] // world
     batches_per_epoch = n_images // config["batch_size"]
     if batches_per_epoch == 0:
         fail(f"the dataset has {n_images} images, fewer than one batch of {config['batch_size']}")
@@ -379,20 +396,12 @@ def main(argv=None):
                 x0 = to_model_range(x0_uint8)                                       # x_0 ~ q(x_0)     (line 2)
                 if config["hflip"]:
                     x0 = random_hflip(x0, generator)
-                t = scheduler.sample_timesteps(local_batch, generator, device)      # t ~ U{0..T-1}    (line 3)
-                noise = torch.randn(x0.shape, generator=generator, device=device)   # eps ~ N(0, I)    (line 4)
-                x_t = scheduler.add_noise(x0, noise, t)
-                if config["conditional"]:
-                    drop = torch.rand(local_batch, generator=generator, device=device) < config["label_dropout"]
-                    y = torch.where(drop, torch.full_like(y, model.num_classes), y)  # the "no label" token
-                lr = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+                loss = diffusion_loss(train_model, scheduler, x0, y, generator=generator, precision=precision,
+                                      label_dropout=config["label_dropout"], null_label=model.num_classes)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(device, precision):
-                    eps = train_model(x_t, t, y)
-                loss = F.mse_loss(eps.float(), noise)                               # ||eps - eps_theta||^2 (line 5)
+                    group["lr"] = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()                                                     # gradient step (line 5)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):

@@ -151,3 +151,36 @@ def test_make_scheduler_by_name():
     assert make_scheduler("linear", 10).num_timesteps == 10
     with pytest.raises(ValueError):
         make_scheduler("quadratic")
+
+
+def test_diffusion_loss_is_zero_for_the_true_noise_and_about_one_for_none(sched):
+    """Algorithm 1's loss: x_t is built from the same eps that the network is scored against."""
+    from training import diffusion_loss
+    x0 = torch.rand(512, 1, 8, 8) * 2 - 1
+
+    def oracle(x_t, t, labels):          # knows x_0, so it can solve eq. 4 for eps
+        abar = sched.alphas_cumprod[t][:, None, None, None]
+        return (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+
+    generator = torch.Generator().manual_seed(0)
+    assert diffusion_loss(oracle, sched, x0, generator=generator).item() < 1e-6
+    zero = diffusion_loss(lambda x_t, t, labels: torch.zeros_like(x_t), sched, x0, generator=generator)
+    assert zero.item() == pytest.approx(1.0, abs=0.02)          # E[eps^2] = 1
+
+
+def test_diffusion_loss_drops_labels_to_the_null_token_at_the_given_rate(sched):
+    from training import diffusion_loss
+    seen = []
+
+    def net(x_t, t, labels):
+        seen.append(labels)
+        return torch.zeros_like(x_t)
+
+    labels = torch.arange(4000) % 10
+    generator = torch.Generator().manual_seed(0)
+    diffusion_loss(net, sched, torch.zeros(4000, 1, 2, 2), labels, generator=generator, label_dropout=0.25, null_label=10)
+    dropped = seen[0] == 10
+    assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert torch.equal(seen[0][~dropped], labels[~dropped])
+    diffusion_loss(net, sched, torch.zeros(4000, 1, 2, 2), labels, generator=generator, label_dropout=0.0, null_label=10)
+    assert torch.equal(seen[1], labels)
