@@ -7,7 +7,8 @@ GroupNorm into which the time embedding is added, skip connections from every bl
 encoder to the decoder, and self-attention only at the low resolutions.  The constructor takes
 plain values (`UNet(**config)`), so the configuration stored in a checkpoint rebuilds the model.
 
-Also here: the device and precision helpers shared by the scripts (`pick_device`, `autocast`).
+Also here: the device, precision and memory-format helpers shared by the scripts (`pick_device`, `autocast`,
+`memory_format`).
 """
 import contextlib
 import math
