@@ -13,6 +13,7 @@ Notation (paper -> code):
     beta-tilde_t         posterior_variance             (eq. 7)
     mu-tilde_t coeffs    posterior_mean_coef1 (x_0), posterior_mean_coef2 (x_t)   (eq. 7)
     epsilon_theta        eps (the model's prediction of the noise)
+    SNR(t)               snr = alpha-bar_t / (1 - alpha-bar_t)
 
     python -c "from noise_scheduler import LinearNoiseScheduler as S; print(S().betas[:3])"
 """
@@ -58,6 +59,7 @@ class NoiseScheduler:
             sqrt_one_minus_alphas_cumprod=(1.0 - alphas_cumprod).sqrt(),
             sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
+            snr=alphas_cumprod / (1.0 - alphas_cumprod),                  # signal-to-noise ratio of x_t
             posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),

@@ -35,12 +35,17 @@ from unet import UNet, autocast, memory_format, pick_device, resolve_precision
 DEFAULTS = dict(
     dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
-    schedule="linear", num_timesteps=1000, ema_decay=0.9995,
+    schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="linear", loss="min-snr", min_snr_gamma=5.0,
     conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=50,
 )
+# What a checkpoint written before these options existed was trained with.
+LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0)
 # Options that define the run: on --resume they must agree with the checkpoint.
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
-            "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout")
+            "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout",
+            "lr_schedule", "loss", "min_snr_gamma")
+LR_SCHEDULES = ("linear", "constant")
+LOSSES = ("plain", "min-snr")
 CKPT_NAME = "ddpm_ckpt.pth"
 STEP_LOG_NAME = "loss_steps.csv"
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
@@ -87,6 +92,11 @@ def build_parser():
     a("--batch-size", type=positive_int, help=f"images per optimizer step, over all processes (default {d['batch_size']})")
     a("--lr", type=positive_float, help=f"AdamW learning rate (default {d['lr']})")
     a("--warmup-steps", type=non_negative_int, help=f"linear learning-rate warm-up (default {d['warmup_steps']})")
+    a("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up: linear (decay to zero at the end of the run, "
+      f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
+    a("--loss", choices=LOSSES, help=f"plain: the paper's simple objective; min-snr: each timestep's term weighted "
+      f"by min(SNR, gamma) / SNR (default {d['loss']})")
+    a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
     a("--seed", type=int, help=f"random seed (default {d['seed']})")
     a("--channels", dest="base_channels", type=positive_int, help=f"U-Net width: channels of the first level (default {d['base_channels']})")
     a("--channel-mults", type=int_list, help="width multiplier of each resolution level (default: 1,2,2 "
@@ -128,7 +138,7 @@ def resolve_config(args, parser, ckpt):
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     if ckpt is None:
         return {**DEFAULTS, **given}
-    config = dict(ckpt["config"])
+    config = {**DEFAULTS, **LEGACY_CONFIG, **ckpt["config"]}
     flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     differ = [f"{flag[k]} {given[k]} (checkpoint: {config.get(k)})"
               for k in RUN_KEYS if k in given and given[k] != config.get(k)]
@@ -224,9 +234,13 @@ def epoch_batches(images, labels, order, first_batch, batches_per_epoch, batch_s
 
 
 def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision="fp32", label_dropout=0.0,
-                   null_label=None):
+                   null_label=None, min_snr_gamma=None):
     """Algorithm 1, lines 3-5, for a batch x_0: the simple objective
-        || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2.
+        || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2,
+    or, with min_snr_gamma, each sample's term weighted by min(SNR(t), gamma) / SNR(t), where
+    SNR(t) = alpha-bar_t / (1 - alpha-bar_t) (Min-SNR-gamma, Hang et al., 2023, eq. 4 and section 3.4 for
+    the noise-predicting form): the nearly noise-free timesteps, whose noise is hard to see and whose
+    images hardly need denoising, stop dominating the gradient.  gamma = inf is the simple objective.
     A conditional model's labels are replaced by the "no label" token `null_label` with probability
     `label_dropout`, so that one network learns both halves of classifier-free guidance."""
     device = x0.device
@@ -238,7 +252,32 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     with autocast(device, precision):
         eps = net(x_t, t, labels)
-    return F.mse_loss(eps.float(), noise)                                   # (line 5)
+    if min_snr_gamma is None:
+        return F.mse_loss(eps.float(), noise)                               # (line 5)
+    snr = scheduler.snr[t]
+    weight = snr.clamp(max=min_snr_gamma) / snr                             # (B,)
+    return (weight * (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def learning_rate(config, step, total_steps):
+    """The rate of optimizer step number `step` (0-based) of a run of `total_steps` steps: a linear warm-up
+    over --warmup-steps, then either constant or, for --lr-schedule linear, a straight line down to zero at
+    the run's last step (budget-aware linear decay, Li et al., 2020, "Budgeted training")."""
+    rate = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+    if config["lr_schedule"] == "linear":
+        last = total_steps - 1
+        rate = min(rate, config["lr"] * max(0.0, last - step) / max(1, last - config["warmup_steps"]))
+    return rate
+
+
+def planned_steps(epoch_steps, steps_done, deadline, started, steps_here):
+    """How many steps the run will take in all: --epochs' count or, when --max-minutes ends the run first, the
+    steps done plus those that fit before the deadline at this process's pace so far (re-estimated every step)."""
+    if deadline is None or steps_here == 0:
+        return epoch_steps
+    now = time.monotonic()
+    seconds_per_step = (now - started) / steps_here
+    return min(epoch_steps, steps_done + int(max(0.0, deadline - now) / seconds_per_step))
 
 
 @torch.no_grad()
@@ -349,11 +388,13 @@ def main(argv=None):
         train_model = torch.compile(train_model)
 
     stop = StopRequest()
-    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
     n_images = images.shape[0]
     batches_per_epoch = n_images // config["batch_size"]
     if batches_per_epoch == 0:
         fail(f"the dataset has {n_images} images, fewer than one batch of {config['batch_size']}")
+    epoch_steps, first_step = config["epochs"] * batches_per_epoch, step
+    total_steps, started = epoch_steps, time.monotonic()
+    deadline = started + 60 * args.max_minutes if args.max_minutes else None
     log_path = os.path.join(args.out_dir, "loss_log.csv")
     step_log_path = os.path.join(args.out_dir, STEP_LOG_NAME)
     window_sum, window_count = 0.0, 0
@@ -397,9 +438,10 @@ def main(argv=None):
                 if config["hflip"]:
                     x0 = random_hflip(x0, generator)
                 loss = diffusion_loss(train_model, scheduler, x0, y, generator=generator, precision=precision,
-                                      label_dropout=config["label_dropout"], null_label=model.num_classes)
+                                      label_dropout=config["label_dropout"], null_label=model.num_classes,
+                                      min_snr_gamma=config["min_snr_gamma"] if config["loss"] == "min-snr" else None)
                 for group in optimizer.param_groups:
-                    group["lr"] = config["lr"] * min(1.0, (step + 1) / max(1, config["warmup_steps"]))
+                    group["lr"] = learning_rate(config, step, total_steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()                                                     # gradient step (line 5)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -421,10 +463,12 @@ def main(argv=None):
                 if step % 10 == 0 or batch_in_epoch == batches_per_epoch:
                     bar.set_postfix(loss=f"{loss_value:.4f}")
                 by_signal, out_of_time = stop.signum is not None, deadline is not None and time.monotonic() > deadline
-                if world > 1:                                   # every process stops at the same step
-                    flags = torch.tensor([float(by_signal), float(out_of_time)], device=device)
+                total_steps = planned_steps(epoch_steps, step, deadline, started, step - first_step)
+                if world > 1:                   # every process stops at the same step, with the same plan
+                    flags = torch.tensor([float(by_signal), float(out_of_time), -float(total_steps)],
+                                         dtype=torch.float64, device=device)
                     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    by_signal, out_of_time = bool(flags[0]), bool(flags[1])
+                    by_signal, out_of_time, total_steps = bool(flags[0]), bool(flags[1]), int(-flags[2])
                 if by_signal or out_of_time:
                     bar.close()
                     checkpoint(epoch, batch_in_epoch)
