@@ -100,7 +100,7 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024        # Linux reports KiB
 
 
-def main(argv=None):
+def build_parser():
     d = DEFAULTS
     p = argparse.ArgumentParser(description="Benchmark DDPM training and sampling on one device.")
     p.add_argument("--device", default="auto")
@@ -116,6 +116,11 @@ def main(argv=None):
     p.add_argument("--image-size", type=positive_int, default=28)
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training and sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         device = pick_device(args.device)

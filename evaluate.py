@@ -457,7 +457,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Measure sample quality: FID against the test split, and a classifier's view.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, help="checkpoint to sample from (default default/ddpm_ckpt.pth)")
@@ -482,6 +482,11 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="dataset folder (default data)")
     p.add_argument("--cache-dir", default=None, help="where the classifier and test statistics are cached (default: --data-dir)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress goes to stderr)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.samples is not None and args.dataset is None:
         p.error("--samples needs --dataset, the data whose test split the images are compared with")

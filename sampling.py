@@ -138,7 +138,7 @@ def int_list(text):
     return values
 
 
-def parse_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a trained DDPM checkpoint.")
     p.add_argument("--ckpt", default=os.path.join("default", "ddpm_ckpt.pth"), help="checkpoint written by training.py")
     p.add_argument("--num-samples", type=positive_int, default=100, help="how many images (default 100)")
@@ -160,6 +160,11 @@ def parse_args(argv=None):
     p.add_argument("--gif-of", choices=["xt", "x0"], default="xt", help="animate x_t (default) or the predicted x_0")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU; worth it there)")
     p.add_argument("--individual", action="store_true", help="also save every sample as its own PNG in OUT_DIR/individual/")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     check_sampling_options(args, p)
     return args, p

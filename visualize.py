@@ -95,7 +95,7 @@ def plot_loss(log_path, path):
     plt.close(fig)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description="Pictures of the noise schedule, the forward process and the loss.")
     p.add_argument("what", choices=["schedule", "forward", "loss"])
     p.add_argument("--out", help="output PNG (default default/<what>.png)")
@@ -106,6 +106,11 @@ def main(argv=None):
     p.add_argument("--image-size", type=positive_int, default=32, help="for forward with --dataset folder")
     p.add_argument("--num-images", type=positive_int, default=6, help="for forward: rows")
     p.add_argument("--log", default=os.path.join("default", "loss_log.csv"), help="for loss")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     out = args.out or os.path.join("default", f"{args.what}.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
