@@ -22,6 +22,7 @@ training images as there are samples against the same statistics: about what a p
 import argparse
 import contextlib
 import dataclasses
+import types
 import functools
 import hashlib
 import json
@@ -39,8 +40,9 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
 from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
-from sampling import DEFAULT_GUIDANCE, build_from_checkpoint, check_sampling_options, positive_int, sample
-from unet import autocast, resolve_precision
+from sampling import (DEFAULT_GUIDANCE, SAMPLERS, build_from_checkpoint, check_sampling_options, int_list, positive_int,
+                      sample, sampler_label)
+from unet import autocast, describe_device, resolve_precision
 
 CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are then retrained
 FEATURE_DIM = 128
@@ -296,7 +298,7 @@ def get_test_stats(dataset, test_images, features, cache_dir, device, log):
 
 # ---- the images to score -------------------------------------------------------------------------
 def sampler_text(args, num_timesteps, conditional):
-    text = f"{num_timesteps}-step DDPM" if args.sampler == "ddpm" else f"{args.steps}-step DDIM (eta {args.eta:g})"
+    text = sampler_label(args.sampler, args.steps, num_timesteps, args.eta)
     return text + (f", guidance {args.guidance_scale:g}" if conditional else "")
 
 
@@ -318,8 +320,9 @@ def generate(model, scheduler, num_classes, args, log):
             images.append(to_uint8(x).cpu())
             requested.append(labels)
             bar.update(n)
-    log(f"sampled {args.num_samples} images in {time.perf_counter() - start:.0f} s on {args.device.type} ({precision})")
-    return torch.cat(images), (torch.cat(requested) if num_classes else None)
+    seconds = time.perf_counter() - start
+    log(f"sampled {args.num_samples} images in {seconds:.0f} s on {args.device.type} ({precision})")
+    return torch.cat(images), (torch.cat(requested) if num_classes else None), seconds
 
 
 def read_png_folder(folder, dataset, channels, image_size, limit=None):
@@ -396,17 +399,17 @@ def load_model(args, parser):
     if not all_finite(ckpt["ema"]):
         raise EvalError(f"the weights in {args.ckpt} are not finite (NaN or inf), so they cannot produce images")
     model, scheduler, config = build_from_checkpoint(ckpt, args.device)
-    if args.sampler == "ddim" and args.steps > scheduler.num_timesteps:
+    if args.sampler != "ddpm" and args.steps > scheduler.num_timesteps:
         parser.error(f"--steps {args.steps} is more than the {scheduler.num_timesteps} timesteps the model was trained with")
     if args.dataset is not None and args.dataset != config["dataset"]:
         parser.error(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on {config['dataset']}")
     return model, scheduler, config
 
 
-def evaluate(args, parser, log):
-    """The reference first (data, classifier, features, test statistics: nothing is sampled in vain),
-    then the images to score, their FID and the real-vs-real floor.  Returns the results as a dict."""
-    model = None
+def reference(args, parser, log):
+    """Everything a score needs, before anything is sampled (nothing is sampled in vain): the model (None for
+    --samples), the test data's classifier, features and statistics, and the images to score for --samples."""
+    model = scheduler = config = images = None
     if args.samples is None:
         model, scheduler, config = load_model(args, parser)
         args.dataset = config["dataset"]
@@ -416,8 +419,7 @@ def evaluate(args, parser, log):
     check_splits(args.dataset, train, test)
     channels, image_size = test[0].shape[1], test[0].shape[2]
     if model is None:          # read the PNGs first, so that a wrong folder fails before anything slow
-        images, requested = read_png_folder(args.samples, args.dataset, channels, image_size, args.num_samples), None
-        source = args.samples
+        images = read_png_folder(args.samples, args.dataset, channels, image_size, args.num_samples)
     elif (model.in_channels, model.image_size) != (channels, image_size):
         raise EvalError(f"{args.ckpt} makes {model.in_channels}x{model.image_size}x{model.image_size} images, but the "
                         f"{args.dataset} data in {args.data_dir} is {channels}x{image_size}x{image_size}")
@@ -425,14 +427,85 @@ def evaluate(args, parser, log):
     classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device, log)
     features = choose_features(channels, image_size, args.features, classifier, args.device, log)
     test_stats = get_test_stats(args.dataset, test[0], features, cache_dir, args.device, log)
-    if model is not None:
-        images, requested = generate(model, scheduler, config["num_classes"], args, log)
-        source = f"{args.ckpt} ({sampler_text(args, scheduler.num_timesteps, bool(config['num_classes']))})"
-    floor = real_slice(train[0], len(images))
-    return {"dataset": args.dataset, "source": source, "num_images": len(images), "num_test_images": len(test[0]),
-            "features": features.name, "classifier": classifier.name, "classifier_test_accuracy": accuracy,
-            "generated": score(images, requested, features, classifier, test_stats, args.device),
-            "real_floor": {"num_images": len(floor), **score(floor, None, features, classifier, test_stats, args.device)}}
+    return types.SimpleNamespace(model=model, scheduler=scheduler, config=config, images=images, train=train,
+                                       test=test, classifier=classifier, accuracy=accuracy, features=features,
+                                       test_stats=test_stats)
+
+
+def evaluate(args, parser, log):
+    """The reference first, then the images to score, their FID and the real-vs-real floor.  Returns a dict."""
+    ref = reference(args, parser, log)
+    if ref.model is None:
+        images, requested, source = ref.images, None, args.samples
+    else:
+        images, requested, _ = generate(ref.model, ref.scheduler, ref.config["num_classes"], args, log)
+        source = f"{args.ckpt} ({sampler_text(args, ref.scheduler.num_timesteps, bool(ref.config['num_classes']))})"
+    floor = real_slice(ref.train[0], len(images))
+    scored = functools.partial(score, features=ref.features, classifier=ref.classifier, test_stats=ref.test_stats,
+                               device=args.device)
+    return {"dataset": args.dataset, "source": source, "num_images": len(images), "num_test_images": len(ref.test[0]),
+            "features": ref.features.name, "classifier": ref.classifier.name, "classifier_test_accuracy": ref.accuracy,
+            "generated": scored(images, requested),
+            "real_floor": {"num_images": len(floor), **scored(floor, None)}}
+
+
+SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0)]     # (sampler, eta), each at --sweep-steps
+
+
+def sweep(args, parser, log):
+    """FID at N = --num-samples of each few-step sampler at each of --sweep-steps and of the 1000-step DDPM, with the
+    seconds 100 samples took.  Each point is written to the JSON file as soon as it is measured, and a file
+    from an earlier sweep of the same checkpoint, N, seed and guidance lends its points, so an interrupted
+    sweep goes on where it stopped.  Writes SWEEP.json, SWEEP.png (FID against seconds) and prints a table."""
+    import visualize
+    ref = reference(args, parser, log)
+    T = ref.scheduler.num_timesteps
+    json_path = args.sweep_out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "sweep.json")
+    stat = os.stat(args.ckpt)
+    identity = {"ckpt": os.path.abspath(args.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime": stat.st_mtime,
+                "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale}
+    results = {**identity, "points": []}
+    if os.path.isfile(json_path):
+        try:
+            with open(json_path) as f:
+                earlier = json.load(f)
+            if all(earlier.get(k) == v for k, v in identity.items()):
+                results = earlier
+                log(f"reusing {len(earlier['points'])} points of {json_path}")
+        except (OSError, ValueError, KeyError):
+            log(f"{json_path} is unreadable; it will be replaced")
+    floor = real_slice(ref.train[0], args.num_samples)
+    results.update(floor_fid=score(floor, None, ref.features, ref.classifier, ref.test_stats, args.device)["fid"],
+                   features=ref.features.name, machine=describe_device(args.device))
+    runs = [(sampler, eta, steps) for steps in args.sweep_steps for sampler, eta in SWEEP] + [("ddpm", 0.0, T)]
+    for sampler, eta, steps in runs:
+        label = sampler_label(sampler, steps, T, eta).split("-step ", 1)[1] if sampler != "ddpm" else f"DDPM ({T} steps)"
+        if any(p["label"] == label and p["steps"] == steps for p in results["points"]):
+            continue
+        log(f"sweep: {sampler_label(sampler, steps, T, eta)}")
+        point_args = argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": steps, "eta": eta})
+        images, requested, seconds = generate(ref.model, ref.scheduler, ref.config["num_classes"], point_args, log)
+        scored = score(images, requested, ref.features, ref.classifier, ref.test_stats, args.device)
+        results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps, "fid": scored["fid"],
+                                  "seconds_per_100": 100 * seconds / args.num_samples,
+                                  "confidence": scored["confidence"]})
+        write_json_atomically(results, json_path)
+    png_path = os.path.splitext(json_path)[0] + ".png"
+    visualize.plot_sweep(results, png_path)
+    lines = [f"| sampler | steps | FID (N = {args.num_samples}) | seconds for 100 samples |", "| --- | --- | --- | --- |"]
+    lines += [f"| {p['label']} | {p['steps']} | {p['fid']:.1f} | {p['seconds_per_100']:.1f} |"
+              for p in sorted(results["points"], key=lambda p: (p["label"], p["steps"]))]
+    lines += [f"| real images (floor) | | {results['floor_fid']:.1f} | |",
+              f"features: {results['features']}; {results['machine']}; wrote {json_path} and {png_path}"]
+    return "\n".join(lines)
+
+
+def write_json_atomically(obj, path):
+    """Write JSON through a temporary file and a rename, so an interrupted write never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def format_table(results):
@@ -471,8 +544,9 @@ def build_parser():
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="sampling precision; auto = bf16 autocast where the device supports it")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: all T ancestral steps; ddim: --steps")
-    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, default), "
+                   "ddim, dpm++ or dpm++sde (--steps steps)")
+    p.add_argument("--steps", type=positive_int, default=None, help="steps of ddim (default 50), dpm++ and dpm++sde (default 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance for conditional models (default {DEFAULT_GUIDANCE})")
@@ -482,6 +556,11 @@ def build_parser():
     p.add_argument("--data-dir", default="data", help="dataset folder (default data)")
     p.add_argument("--cache-dir", default=None, help="where the classifier and test statistics are cached (default: --data-dir)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress goes to stderr)")
+    p.add_argument("--sweep", action="store_true", help="FID of DDIM (eta 0 and 1), DPM-Solver++ and its SDE form at "
+                   "each of --sweep-steps, and of the 1000-step DDPM: a table, SWEEP.json and a picture SWEEP.png")
+    p.add_argument("--sweep-steps", type=int_list, default=[5, 10, 20, 50], help="step counts of --sweep (default 5,10,20,50)")
+    p.add_argument("--sweep-out", default=None, metavar="SWEEP.json",
+                   help="where --sweep writes its points (default: sweep.json beside the checkpoint; the picture beside it)")
     return p
 
 
@@ -495,7 +574,11 @@ def parse_args(argv=None):
         args.num_samples = args.num_samples or 1000
     if args.num_samples is not None and args.num_samples < 2:
         p.error("--num-samples must be at least 2: FID needs a covariance")
+    if args.sweep and args.samples is not None:
+        p.error("--sweep samples from a checkpoint; it cannot score --samples")
     check_sampling_options(args, p)
+    if isinstance(args.steps, list):      # check_sampling_options fills in the sampler's default as a list
+        args.steps = args.steps[0]
     return args, p
 
 
@@ -503,6 +586,9 @@ def main(argv=None):
     args, parser = parse_args(argv)
     log = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
     try:
+        if args.sweep:
+            print(sweep(args, parser, log))
+            return
         results = evaluate(args, parser, log)
     except (EvalError, DataError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -14,6 +14,8 @@ Notation (paper -> code):
     mu-tilde_t coeffs    posterior_mean_coef1 (x_0), posterior_mean_coef2 (x_t)   (eq. 7)
     epsilon_theta        eps (the model's prediction of the noise)
     SNR(t)               snr = alpha-bar_t / (1 - alpha-bar_t)
+    alpha_t, sigma_t     sqrt(alpha-bar_t), sqrt(1 - alpha-bar_t): DPM-Solver's x_t = alpha_t x_0 + sigma_t eps
+    lambda_t             lambdas = log(alpha_t / sigma_t), half the log-SNR
 
     python -c "from noise_scheduler import LinearNoiseScheduler as S; print(S().betas[:3])"
 """
@@ -60,6 +62,7 @@ class NoiseScheduler:
             sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
             snr=alphas_cumprod / (1.0 - alphas_cumprod),                  # signal-to-noise ratio of x_t
+            lambdas=0.5 * torch.log(alphas_cumprod / (1.0 - alphas_cumprod)),   # log(alpha_t / sigma_t), DPM-Solver's time
             posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
@@ -95,19 +98,34 @@ class NoiseScheduler:
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
-    def timesteps(self, num_steps=None):
-        """The timesteps a sampler walks, descending and ending at 0.
+    def timesteps(self, num_steps=None, spacing="uniform"):
+        """The timesteps a sampler walks, descending from T-1 and ending at 0 (a single step: just T-1).
 
-        None (or T) gives all T steps of the ancestral sampler; fewer gives an evenly spaced
-        subsequence of the training timesteps for DDIM (Song et al., 2021, section 4.2).
+        None (or T) gives all T steps of the ancestral sampler.  Fewer gives a subsequence of the training
+        timesteps: spacing "uniform" spaces them evenly in t (DDIM, Song et al., 2021, section 4.2);
+        "logsnr" evenly in lambda = log(alpha_t / sigma_t), half the log-SNR (DPM-Solver, Lu et al., 2022a,
+        section 3.3), each at the training timestep of the nearest lambda, or the next one down where that
+        one is taken (the cosine schedule's lambda plunges over its last few timesteps).
         """
         T = self.num_timesteps
         if num_steps is None or num_steps == T:
             return list(range(T - 1, -1, -1))
         if not 1 <= num_steps <= T:
             raise ValueError(f"the number of sampling steps must be between 1 and {T}, got {num_steps}")
-        ts = torch.linspace(0, T - 1, num_steps, dtype=torch.float64).round().long()
-        return sorted(set(ts.tolist()), reverse=True)
+        if num_steps == 1:
+            return [T - 1]                         # one step: from pure noise straight to x_0
+        if spacing == "uniform":
+            return torch.linspace(T - 1, 0, num_steps, dtype=torch.float64).round().long().tolist()
+        if spacing != "logsnr":
+            raise ValueError(f"unknown timestep spacing {spacing!r}; use uniform or logsnr")
+        lambdas = self.lambdas.cpu()
+        timesteps = []
+        for i, target in enumerate(torch.linspace(float(lambdas[T - 1]), float(lambdas[0]), num_steps)):
+            t = int((lambdas - target).abs().argmin())
+            if timesteps:
+                t = min(t, timesteps[-1] - 1)                 # strictly descending
+            timesteps.append(max(t, num_steps - 1 - i))       # and room left for the steps still to come
+        return timesteps
 
     def step(self, eps, t, x_t, generator=None, clip_x0=True):
         """One ancestral step x_t -> x_{t-1} (algorithm 2, lines 3-4).
@@ -154,6 +172,51 @@ class NoiseScheduler:
         if eta > 0 and t_prev >= 0:
             x_prev = x_prev + sigma * _noise_like(x_t, generator)
         return x_prev, x0
+
+
+    def _alpha_sigma(self, t):
+        """(alpha_t, sigma_t, lambda_t) as float64 scalars; t = -1 is the clean data (alpha 1, sigma 0, lambda inf)."""
+        if t < 0:
+            return 1.0, 0.0, math.inf
+        a = float(self.alphas_cumprod[t])
+        return math.sqrt(a), math.sqrt(1.0 - a), float(self.lambdas[t])
+
+    def dpm_solver_step(self, eps, t, t_prev, x_t, previous=None, stochastic=False, generator=None, clip_x0=True):
+        """One step of DPM-Solver++(2M) (Lu et al., 2022b, algorithm 2) from x_t to x_{t_prev}, t_prev < t,
+        t_prev = -1 meaning x_0.  Returns (x_{t_prev}, predicted x_0).
+
+        With alpha = sqrt(alpha-bar), sigma = sqrt(1 - alpha-bar), lambda = log(alpha / sigma), the diffusion ODE
+        has the exact solution  x_prev = sigma_prev / sigma_t x_t + sigma_prev int_{lambda_t}^{lambda_prev} e^lambda x_0(lambda) dlambda
+        (the data-prediction form, Lu et al., 2022b, section 4).  With h = lambda_prev - lambda_t:
+            first order, x_0 held constant (= DDIM with eta 0):   x_prev = sigma_prev / sigma_t x_t - alpha_prev (e^-h - 1) D,  D = x_0
+            second order, multistep: x_0 extrapolated linearly in lambda from the previous step's prediction,
+                D = (1 + 1 / (2r)) x_0 - 1 / (2r) x_0_last,   r = h_last / h                    (algorithm 2)
+        previous = (t_last, x_0_last) from the step before, or None: the first step is first order, and so is
+        the last (to t_prev = -1, where h is infinite and the update is x_0 itself).
+        stochastic: SDE-DPM-Solver++(2M), the same extrapolation on the reverse SDE instead of the ODE,
+            x_prev = sigma_prev / sigma_t e^-h x_t + alpha_prev (1 - e^-2h) D + sigma_prev sqrt(1 - e^-2h) z,
+        whose first-order step is the ancestral step of DDIM with eta 1.
+        clip_x0 clips the predicted x_0 to [-1, 1] (the paper's thresholding, in its static form).
+        """
+        eps, x_t = eps.float(), x_t.float()
+        tt = torch.full((x_t.shape[0],), t, dtype=torch.long, device=x_t.device)
+        x0 = self.predict_x0(x_t, tt, eps)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma(t)
+        alpha_prev, sigma_prev, lambda_prev = self._alpha_sigma(t_prev)
+        h = lambda_prev - lambda_t
+        d = x0
+        if previous is not None and t_prev >= 0:
+            t_last, x0_last = previous
+            r = (lambda_t - self._alpha_sigma(t_last)[2]) / h
+            d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_last
+        if t_prev < 0:
+            return d, x0
+        if not stochastic:
+            return sigma_prev / sigma_t * x_t - alpha_prev * math.expm1(-h) * d, x0
+        x_prev = sigma_prev / sigma_t * math.exp(-h) * x_t - alpha_prev * math.expm1(-2.0 * h) * d
+        return x_prev + sigma_prev * math.sqrt(-math.expm1(-2.0 * h)) * _noise_like(x_t, generator), x0
 
 
 class LinearNoiseScheduler(NoiseScheduler):

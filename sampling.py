@@ -1,6 +1,7 @@
-"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), or DDIM (Song et al., 2021).
+"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), DDIM (Song et al., 2021) or DPM-Solver++ (Lu et al., 2022).
 
     python sampling.py                                   # 100 samples, all 1000 steps -> default/samples/x0_0.png
+    python sampling.py --sampler dpm++ --steps 20        # DPM-Solver++(2M): 20 network evaluations
     python sampling.py --sampler ddim --steps 50         # 50 DDIM steps (eta 0: deterministic)
     python sampling.py --sampler ddim --steps 5,10,20,50 # one grid per step count, same starting noise
     python sampling.py --save-every 100 --individual     # also x0_{t}.png every 100 steps, and one PNG per sample
@@ -45,6 +46,18 @@ def build_from_checkpoint(ckpt, device):
 
 
 DEFAULT_GUIDANCE = 2.0
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20}
+# How the few-step samplers space their timesteps (noise_scheduler.timesteps), chosen by measured FID: see README.
+SPACING = {"ddim": "uniform", "dpm++": "logsnr", "dpm++sde": "logsnr"}
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)"}
+
+
+def sampler_label(sampler, steps, num_timesteps, eta=0.0):
+    """'1000-step DDPM', '50-step DDIM (eta 0)', '20-step DPM-Solver++(2M)'."""
+    if sampler == "ddpm":
+        return f"{num_timesteps}-step DDPM"
+    return f"{steps}-step {SAMPLER_NAMES[sampler]}" + (f" (eta {eta:g})" if sampler == "ddim" else "")
 
 
 def predict_noise(model, x, t, labels=None, guidance_scale=1.0):
@@ -65,27 +78,31 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     """Run the reverse process from x_T ~ N(0, I) and return x_0 in [-1, 1], float32 (B, C, H, W).
 
     sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps`
-    evenly spaced timesteps with noise scale `eta`.  labels (B,) draw a conditional model's classes,
-    with classifier-free guidance of scale `guidance_scale` (see predict_noise).
-    callback(t, x_t, x0_pred) is called after every step.
+    timesteps with noise scale `eta`; "dpm++" / "dpm++sde": DPM-Solver++(2M) or its SDE form over `steps`
+    timesteps.  labels (B,) draw a conditional model's classes, with classifier-free guidance of scale
+    `guidance_scale` (see predict_noise).  callback(t, x_t, x0_pred) is called after every step.
     """
     shape = (num_samples, model.in_channels, model.image_size, model.image_size)
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
     x = noise.to(device, torch.float32)                                        # x_T ~ N(0, I)  (line 1)
-    timesteps = scheduler.timesteps(None if sampler == "ddpm" else steps)
+    timesteps = scheduler.timesteps(None, "uniform") if sampler == "ddpm" else scheduler.timesteps(steps, SPACING[sampler])
     if labels is not None:
         labels = labels.to(device)
-    x0 = x
+    x0, previous = x, None
     with autocast(device, precision):
         for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", leave=False, disable=not progress)):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1           # -1: the clean data x_0
             tt = torch.full((num_samples,), t, dtype=torch.long, device=device)
             eps = predict_noise(model, x, tt, labels, guidance_scale)         # epsilon_theta(x_t, t)
             if sampler == "ddpm":
                 x, x0 = scheduler.step(eps, t, x, generator=generator)         # lines 3-4
-            else:
-                t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            elif sampler == "ddim":
                 x, x0 = scheduler.ddim_step(eps, t, t_prev, x, eta=eta, generator=generator)
+            else:
+                x, x0 = scheduler.dpm_solver_step(eps, t, t_prev, x, previous, stochastic=sampler == "dpm++sde",
+                                                  generator=generator)
+            previous = (t, x0)
             if callback is not None:
                 callback(t, x, x0)
     return x.clamp(-1, 1)                                                      # line 6: return x_0
@@ -148,14 +165,17 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="network precision; auto = bf16 autocast where the device supports it")
     p.add_argument("--out-dir", default=os.path.join("default", "samples"), help="where the PNGs go")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"], help="ddpm: all T ancestral steps; ddim: --steps")
-    p.add_argument("--steps", type=int_list, default=[50], help="DDIM step count, or a list like 5,10,20,50")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: all T ancestral steps (default); "
+                   "ddim, dpm++ (DPM-Solver++(2M)) or dpm++sde (its stochastic form): --steps network evaluations")
+    p.add_argument("--steps", type=int_list, default=None, help="steps of ddim / dpm++ / dpm++sde, or a list like "
+                   "5,10,20,50 for one grid each (default 50 for ddim, 20 for dpm++ and dpm++sde)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--label", type=int, default=None, help="class to draw (conditional models); default: one row per class")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger (default {DEFAULT_GUIDANCE})")
     p.add_argument("--save-every", type=positive_int, default=None, metavar="K",
-                   help="also save the grid of predicted x_0 every K steps as x0_{t}.png")
+                   help="also save the grid of the predicted x_0 every K timesteps as x0_{t}.png (few-step samplers: "
+                   "at the first step past each multiple of K)")
     p.add_argument("--gif", action="store_true", help="also write reverse.gif, an animation of the reverse process")
     p.add_argument("--gif-of", choices=["xt", "x0"], default="xt", help="animate x_t (default) or the predicted x_0")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU; worth it there)")
@@ -172,6 +192,8 @@ def parse_args(argv=None):
 
 def check_sampling_options(args, parser):
     """Usage errors (exit 2) for the sampling options shared with evaluate.py; resolves args.device."""
+    if args.sampler != "ddpm" and args.steps is None:
+        args.steps = [DEFAULT_STEPS[args.sampler]]
     if not 0.0 <= args.eta <= 1.0:
         parser.error(f"--eta must lie between 0 and 1, got {args.eta}")
     if args.guidance_scale < 0:
@@ -197,7 +219,7 @@ def main(argv=None):
     if args.compile:
         model = compile_for_sampling(model, args.device)
     T = scheduler.num_timesteps
-    if args.sampler == "ddim" and max(args.steps) > T:
+    if args.sampler != "ddpm" and max(args.steps) > T:
         parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
     num_classes = model.num_classes
     if args.label is not None and not num_classes:
@@ -210,15 +232,15 @@ def main(argv=None):
     except OSError as e:
         sys.exit(f"error: cannot create the output folder {args.out_dir} ({e.strerror})")
 
-    runs = [("ddpm", None)] if args.sampler == "ddpm" else [("ddim", s) for s in args.steps]
+    runs = [("ddpm", None)] if args.sampler == "ddpm" else [(args.sampler, s) for s in args.steps]
     for sampler, steps in runs:
         start = time.perf_counter()
         images, snapshots, frames = draw(model, scheduler, args, sampler, steps, precision)
         seconds = time.perf_counter() - start
-        suffix = "" if len(runs) == 1 else f"_ddim_{steps}"
-        final = os.path.join(args.out_dir, "x0_0.png" if len(runs) == 1 else f"ddim_{steps}.png")
+        suffix = "" if len(runs) == 1 else f"_{sampler}_{steps}"
+        final = os.path.join(args.out_dir, "x0_0.png" if len(runs) == 1 else f"{sampler}_{steps}.png")
         save_grid(images, final)
-        label = f"{T}-step DDPM" if sampler == "ddpm" else f"{steps}-step DDIM (eta {args.eta:g})"
+        label = sampler_label(sampler, steps, T, args.eta)
         print(f"{args.num_samples} samples, {label}, {seconds:.1f} s on {args.device.type} ({precision}): wrote {final}")
         for t, grid in snapshots.items():
             if t != 0 or len(runs) > 1:
@@ -245,13 +267,18 @@ def draw(model, scheduler, args, sampler, steps, precision):
     generator = torch.Generator(device=args.device).manual_seed(args.seed)     # the same noise for every sampler
     num_classes = model.num_classes
     snapshots, frames, images = {}, [], []
-    gif_every = max(1, len(scheduler.timesteps(None if sampler == "ddpm" else steps)) // 50)
+    T = scheduler.num_timesteps
+    gif_every = max(1, (T if sampler == "ddpm" else steps) // 50)
+    last = [T]                                        # the timestep of the step before
 
     def observe(t, x_t, x0):
-        if args.save_every and t % args.save_every == 0:
-            snapshots.setdefault(t, []).append(to_uint8(x0).cpu())
+        if t > last[0]:                               # a new batch starts from x_T
+            last[0] = T
+        if args.save_every and (last[0] - 1) // args.save_every != (t - 1) // args.save_every:
+            snapshots.setdefault(t, []).append(to_uint8(x0).cpu())    # the first step at or past a multiple of K
         if args.gif and not images and (t % gif_every == 0 or t == 0):
             frames.append(grid_frame(x_t if args.gif_of == "xt" else x0))
+        last[0] = t
 
     for first in range(0, args.num_samples, args.batch_size):
         n = min(args.batch_size, args.num_samples - first)

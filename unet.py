@@ -218,6 +218,19 @@ def pick_device(name="auto"):
     return device
 
 
+def describe_device(device):
+    """'Intel(R) Xeon(R) Processor, 2 threads' on a CPU, the GPU's name on CUDA: the machine a figure was measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = device.type
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} threads"
+
+
 def bf16_supported(device):
     """Whether bfloat16 autocast is fast on this device (native bf16 matrix instructions)."""
     if device.type == "cuda":

@@ -95,6 +95,36 @@ def plot_loss(log_path, path):
     plt.close(fig)
 
 
+def plot_sweep(results, path):
+    """FID against the seconds that 100 samples take, one line per sampler (its step counts marked), the
+    1000-step DDPM as a point, and the real-vs-real floor as a dashed line: what `evaluate.py --sweep` measured."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {}
+    for point in results["points"]:
+        lines.setdefault(point["label"], []).append(point)
+    for label, points in lines.items():
+        points.sort(key=lambda p: p["seconds_per_100"])
+        xs, ys = [p["seconds_per_100"] for p in points], [p["fid"] for p in points]
+        ax.plot(xs, ys, "o-" if len(points) > 1 else "s", label=label)
+        for p in points:
+            ax.annotate(str(p["steps"]), (p["seconds_per_100"], p["fid"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
+    ax.axhline(results["floor_fid"], color="gray", ls="--", label=f"real images (floor), N = {results['num_samples']}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"seconds for 100 samples ({results['machine']})")
+    ax.set_ylabel(f"FID, N = {results['num_samples']} ({results['features']})")
+    ax.set_title("Sample quality against sampling time (numbers: network evaluations)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="Pictures of the noise schedule, the forward process and the loss.")
     p.add_argument("what", choices=["schedule", "forward", "loss"])

@@ -67,3 +67,11 @@ def train_tiny(data_dir):
         return run_script("training.py", "--data-dir", data_dir, "--out-dir", out_dir, "--batch-size", "32",
                           "--preview-samples", "4", "--preview-steps", "2", *TINY_MODEL, *extra, check=check)
     return train
+
+
+@pytest.fixture(scope="session")
+def good_checkpoint(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("good")
+    run_script("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "64", "--epochs", "1",
+               "--preview-samples", "0", *TINY_MODEL)
+    return out / "ddpm_ckpt.pth"

@@ -108,7 +108,8 @@ def test_ddpm_timesteps_walk_every_step_down_to_zero(sched):
 @pytest.mark.parametrize("steps", [1, 5, 10, 20, 50, 999, 1000])
 def test_ddim_timesteps_descending_unique_end_at_zero(sched, steps):
     ts = sched.timesteps(steps)
-    assert ts[-1] == 0 and ts == sorted(set(ts), reverse=True) and len(ts) == steps
+    assert ts[0] == 999 and ts == sorted(set(ts), reverse=True) and len(ts) == steps
+    assert ts[-1] == (0 if steps > 1 else 999)       # a single step starts from pure noise, at t = T-1
     assert all(0 <= t < 1000 for t in ts)
 
 

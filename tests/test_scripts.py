@@ -115,15 +115,6 @@ def test_missing_data_gives_one_clear_message(tmp_path):
     assert not (tmp_path / "out" / "ddpm_ckpt.pth").exists()
 
 
-@pytest.fixture(scope="module")
-def good_checkpoint(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("good")
-    from conftest import TINY_MODEL
-    run_script("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "64", "--epochs", "1",
-               "--preview-samples", "0", *TINY_MODEL)
-    return out / "ddpm_ckpt.pth"
-
-
 class Evil:
     """A pickle that would create a file if it were ever unpickled with code execution allowed."""
     marker = None
