@@ -8,12 +8,14 @@
 Every epoch writes the checkpoint (atomically), a grid of samples from the EMA weights in
 <out-dir>/samples/epoch_NNN.png and a row of <out-dir>/loss_log.csv.  Ctrl-C or SIGTERM finishes
 the current step, saves the position inside the epoch and exits (130 / 143); --resume continues
-from there with the same result, bit for bit on the CPU, as a run that was never stopped.
+from there with the same result, bit for bit on the CPU, as a run that was never stopped.  A run holds a
+lock on <out-dir>/.lock for its whole life: a second run on the same folder is refused.
 """
 import argparse
 import copy
 import math
 import csv
+import fcntl
 import os
 import signal
 import sys
@@ -49,6 +51,7 @@ LOSSES = ("plain", "min-snr")
 CKPT_NAME = "ddpm_ckpt.pth"
 STEP_LOG_NAME = "loss_steps.csv"
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
+LOCK_NAME = ".lock"          # OUT_DIR/.lock: flock-ed by the run that owns the folder, with its PID inside
 
 
 def append_csv(path, header, row):
@@ -188,6 +191,54 @@ def check_writable(folder):
         fail(f"the output folder {folder} cannot be written ({e.strerror})")
 
 
+_folder_lock = None       # the open OUT_DIR/.lock of this process's run, kept open until the process ends
+
+
+def lock_run_folder(folder):
+    """One run per output folder: take an exclusive advisory lock (flock) on folder/.lock and write this
+    process's PID into it, for the rest of the process's life.  The kernel drops the lock when the process
+    ends, however it ends, so a killed run never leaves a stale lock.  If another live run holds it, exit 1
+    with one sentence naming the folder and that run's PID."""
+    global _folder_lock
+    _close_lock_file()                    # main() called again in the same process (tests)
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        f = open(path, "a+")              # a+: create it, but never erase the PID of a run that holds it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(10):           # the holder writes its PID right after locking
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            f.close()
+            fail(f"the output folder {folder} is in use by another training run (PID {holder or 'unknown'}); "
+                 f"wait for it to end or stop it, or pass another --out-dir")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:
+        fail(f"cannot lock the output folder {folder} ({path}: {e.strerror})")
+    _folder_lock = f
+
+
+def _close_lock_file():
+    """Close this process's descriptor of the lock file.  Run in every forked child (DataLoader workers),
+    where it does not unlock: flock's lock lives until the last descriptor of the file closes, so the run's
+    own process then holds the only one, and the lock ends with it, not with the last of its children."""
+    global _folder_lock
+    if _folder_lock is not None:
+        _folder_lock.close()
+        _folder_lock = None
+
+
+os.register_at_fork(after_in_child=_close_lock_file)
+
+
 def rng_state(generator):
     state = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
     if torch.cuda.is_available():
@@ -314,6 +365,13 @@ def main(argv=None):
         parser.error(str(e))
     master = rank == 0
     ckpt_path = os.path.join(args.out_dir, CKPT_NAME)
+    if args.resume and not os.path.isdir(args.out_dir):     # a mistyped folder is not created
+        fail(f"cannot resume: there is no checkpoint at {ckpt_path}")
+    if master:      # the folder is this run's before anything in it is read: one run per folder
+        check_writable(args.out_dir)
+        lock_run_folder(args.out_dir)
+    if world > 1:   # the other processes wait for it
+        dist.barrier()
 
     ckpt = None
     if args.resume:
@@ -327,8 +385,6 @@ def main(argv=None):
     config = resolve_config(args, parser, ckpt)
     if config["batch_size"] % world:
         parser.error(f"--batch-size {config['batch_size']} does not divide over {world} processes")
-    if master:
-        check_writable(args.out_dir)
     precision = resolve_precision(args.precision, device)
 
     try:

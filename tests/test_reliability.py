@@ -19,8 +19,8 @@ from test_scripts import assert_same_tensors, load
 def start_training(data_dir, out_dir, *extra):
     cmd = [sys.executable, "training.py", "--data-dir", data_dir, "--out-dir", str(out_dir), "--batch-size", "8",
            "--preview-samples", "0", *TINY_MODEL, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,   # threads as in
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2"))   # run_script: same sums
 
 
 def wait_for_training_to_start(proc):
@@ -156,3 +156,65 @@ def test_max_minutes_stops_cleanly_mid_epoch_and_resume_finishes_the_run(data_di
     run_script(*common, "--resume")
     state = load(out / "ddpm_ckpt.pth")
     assert state["step"] == 256 // 8 and state["epoch"] == 1
+
+
+def tiny_run(data_dir, out_dir, *extra):
+    """The options of start_training, for run_script."""
+    return ["training.py", "--data-dir", data_dir, "--out-dir", out_dir, "--batch-size", "8", "--preview-samples", "0",
+            *TINY_MODEL, *extra]
+
+
+def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_is_unharmed(data_dir, tmp_path):
+    busy = tmp_path / "busy"
+    first = start_training(data_dir, busy, "--epochs", "2")
+    try:
+        wait_for_training_to_start(first)
+        first.send_signal(signal.SIGSTOP)          # it holds the folder, however fast it trains
+        try:
+            # a new run, and a --resume, which must be refused before it looks for a checkpoint (there is none yet)
+            for extra in ([], ["--resume"]):
+                result = run_script(*tiny_run(data_dir, busy, "--epochs", "2", *extra), check=False)
+                lines = result.stderr.strip().splitlines()
+                assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (extra, result.stderr)
+                assert str(busy) in lines[0] and f"PID {first.pid}" in lines[0], lines[0]
+                assert "training on" not in result.stdout
+            assert (busy / ".lock").read_text().strip() == str(first.pid)
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err
+    run_script(*tiny_run(data_dir, tmp_path / "alone", "--epochs", "2"))
+    a, b = load(tmp_path / "alone" / "ddpm_ckpt.pth"), load(busy / "ddpm_ckpt.pth")
+    for key in ("model", "ema", "optimizer", "rng", "step", "epoch"):
+        assert_same_tensors(a[key], b[key])
+
+
+def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
+    """A run's DataLoader workers are forked children; one that outlives a SIGKILLed run must not hold its folder."""
+    import training
+    script = ("import os, sys, time; sys.path.insert(0, %r); import training\n"
+              "training.lock_run_folder(%r)\n"
+              "child = os.fork()\n"
+              "if child == 0:\n    time.sleep(120); os._exit(0)\n"
+              "print(child, flush=True); time.sleep(120)\n" % (ROOT, str(tmp_path)))
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        child = int(run.stdout.readline())
+        with pytest.raises(SystemExit) as refused:        # the run is alive: its folder is taken
+            training.lock_run_folder(str(tmp_path))
+        assert refused.value.code == 1 and f"PID {run.pid}" in capsys.readouterr().err
+        run.kill()
+        run.wait()
+        os.kill(child, 0)                                  # the child still lives ...
+        training.lock_run_folder(str(tmp_path))            # ... and the folder is free
+        assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    finally:
+        run.kill()
+        if child:
+            os.kill(child, signal.SIGKILL)
+        training._close_lock_file()                        # this test process lets go of the folder
+
