@@ -10,6 +10,7 @@ or to sample from it:
     step          optimizer steps taken so far
     rng           random number generator states
     loss_sum, loss_count   the running loss of the epoch in progress
+    window_sum, window_count   the running loss of loss_steps.csv's row in progress
 Loading uses torch.load(weights_only=True), so a file can never run code when it is read.
 """
 import os

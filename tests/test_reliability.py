@@ -218,3 +218,46 @@ def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
             os.kill(child, signal.SIGKILL)
         training._close_lock_file()                        # this test process lets go of the folder
 
+
+def test_sigkill_after_a_timed_save_leaves_no_lock_and_resume_is_bit_exact(data_dir, tmp_path):
+    options = ["--epochs", "2", "--save-every-minutes", "0.003"]       # a save every 0.18 s
+    killed = tmp_path / "killed"
+    ckpt = killed / "ddpm_ckpt.pth"
+    proc = start_training(data_dir, killed, *options)
+    first_save = None
+    try:
+        wait_for_training_to_start(proc)
+        deadline = time.time() + 300
+        while first_save is None and proc.poll() is None and time.time() < deadline:
+            state = load(ckpt) if ckpt.exists() else None
+            if state is not None and state["step"] > 0:
+                first_save = (state["epoch"], state["batch_in_epoch"])
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
+    assert first_save is not None and first_save[0] == 0 and first_save[1] > 0, \
+        f"the first checkpoint (epoch, batch) {first_save} is not mid-epoch: the timer did not save"
+    state = load(ckpt)
+    assert 0 < state["step"] < 2 * 256 // 8
+    assert (killed / ".lock").read_text().strip() == str(proc.pid)   # the file stays; the lock died with the run
+    # The killed run may have logged a step after its last save (and been cut in the middle of the next row):
+    # the resumed run writes those steps again, so they must go.
+    step_log = killed / "loss_steps.csv"
+    if not step_log.exists():
+        step_log.write_text("step,epoch,loss\n")
+    with open(step_log, "a") as f:
+        f.write(f"{state['step'] + 1},{state['epoch'] + 1},9.999999\n{state['step'] + 2},{state['epoch']}")
+
+    run_script(*tiny_run(data_dir, killed, *options, "--resume"))
+    run_script(*tiny_run(data_dir, tmp_path / "straight", *options))
+    a, b = load(tmp_path / "straight" / "ddpm_ckpt.pth"), load(ckpt)
+    for key in ("model", "ema", "optimizer", "rng", "step", "epoch"):
+        assert_same_tensors(a[key], b[key])
+    assert step_log.read_text() == (tmp_path / "straight" / "loss_steps.csv").read_text()
+    epoch_rows = [[(r["epoch"], r["step"], r["loss"]) for r in csv.DictReader(open(d / "loss_log.csv"))]
+                  for d in (killed, tmp_path / "straight")]
+    assert epoch_rows[0] == epoch_rows[1]
