@@ -1,14 +1,17 @@
 """How fast are training and sampling on this machine, and how close to its peak?
 
     python benchmark.py                      # the default model, on the default device
+    python benchmark.py --precision both     # bf16 and fp32 one after the other
     python benchmark.py --channels 64 --json # another width, as one JSON object
     python benchmark.py --device cuda --compile
 
-Prints: training images/s; 100 samples x T DDPM steps (timed over --ddpm-steps steps and scaled
-to T, as the label says) and 100 samples with 50 DDIM steps (timed in full); forward FLOPs per
-image; the FLOP/s that training reaches; this device's own bf16 and float32 matmul peak measured
-in the same run and the fraction of it reached; and peak memory (RSS on the CPU, allocated on a GPU).
-Training FLOPs are counted as 3x the forward pass (forward + backward).
+Prints: forward FLOPs per image; this device's own bf16 and float32 matmul peak, measured in the same run;
+then for each --precision option: the precision and memory layout chosen for training and for sampling
+(with --precision auto, timed by the same start-up probe as training.py and sampling.py, whose cost is
+printed), training images/s and the fraction of the better of the two matmul peaks it reaches (training
+FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
+(timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
+(timed in full); and peak memory (RSS on the CPU, allocated on a GPU).
 """
 import argparse
 import json
@@ -21,7 +24,7 @@ import torch
 from noise_scheduler import make_scheduler
 from sampling import int_list, positive_int, sample
 from training import DEFAULTS, diffusion_loss, model_shape
-from unet import UNet, autocast, compile_for_sampling, count_flops, memory_format, pick_device, resolve_precision
+from unet import LAYOUT_NAMES, UNet, autocast, choose_speed, compile_for_sampling, count_flops, describe_device, pick_device
 
 
 def synchronize(device):
@@ -85,11 +88,11 @@ def ddpm_seconds(model, scheduler, device, precision, n, steps):
     return time.perf_counter() - start
 
 
-def ddim_seconds(model, scheduler, device, precision, n, steps):
-    """Seconds for a whole DDIM run of `steps` steps on n images."""
+def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
+    """Seconds for a whole run of a few-step sampler (DDIM, DPM-Solver++) of `steps` steps on n images."""
     synchronize(device)
     start = time.perf_counter()
-    sample(model, scheduler, n, device=device, precision=precision, sampler="ddim", steps=steps, progress=False)
+    sample(model, scheduler, n, device=device, precision=precision, sampler=sampler, steps=steps, progress=False)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -103,20 +106,49 @@ def peak_memory_mb(device):
 def build_parser():
     d = DEFAULTS
     p = argparse.ArgumentParser(description="Benchmark DDPM training and sampling on one device.")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "both"],
+                   help="auto: what training.py and sampling.py choose (timed at start-up, the probe's cost is "
+                        "printed); bf16 or fp32: forced; both: bf16 and fp32 one after the other")
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="training batch")
     p.add_argument("--train-steps", type=positive_int, default=10, help="timed training steps")
-    p.add_argument("--num-samples", type=positive_int, default=100)
+    p.add_argument("--num-samples", type=positive_int, default=100, help="images sampled at once (default 100)")
     p.add_argument("--ddpm-steps", type=positive_int, default=50, help="DDPM steps timed, then scaled to T")
-    p.add_argument("--channels", type=positive_int, default=d["base_channels"])
+    p.add_argument("--channels", type=positive_int, default=d["base_channels"], help="U-Net width")
     p.add_argument("--channel-mults", type=int_list, default=None, help="default: as training.py picks for the image size")
-    p.add_argument("--num-res-blocks", type=positive_int, default=d["num_res_blocks"])
-    p.add_argument("--in-channels", type=positive_int, default=1)
-    p.add_argument("--image-size", type=positive_int, default=28)
+    p.add_argument("--num-res-blocks", type=positive_int, default=d["num_res_blocks"], help="residual blocks per level")
+    p.add_argument("--in-channels", type=positive_int, default=1, help="image channels (1 grayscale, 3 colour)")
+    p.add_argument("--image-size", type=positive_int, default=28, help="image side in pixels")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training and sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
+
+
+def measure(model, scheduler, device, precision_option, args):
+    """Training images/s and the samplers' seconds with one --precision option (auto, bf16 or fp32): each task
+    in the precision and layout that training.py and sampling.py would choose for it."""
+    T = scheduler.num_timesteps
+    start = time.perf_counter()
+    train_precision, train_layout, train_note = choose_speed(model, device, precision_option, training=True,
+                                                             batch_size=args.batch_size, use_cache=False)
+    probe = time.perf_counter() - start
+    model.to(memory_format=train_layout).train()
+    train_ips = train_throughput(model, scheduler, device, train_precision, args.batch_size, args.train_steps,
+                                 args.compile)
+    start = time.perf_counter()
+    precision, layout, note = choose_speed(model, device, precision_option, training=False, batch_size=args.num_samples,
+                                           use_cache=False)
+    probe += time.perf_counter() - start
+    net = model.to(memory_format=layout).eval()
+    if args.compile:
+        net = compile_for_sampling(model, device)
+    return {"train_precision": train_precision, "train_layout": LAYOUT_NAMES[train_layout], "train_choice": train_note,
+            "train_images_per_s": train_ips, "sample_precision": precision, "sample_layout": LAYOUT_NAMES[layout],
+            "sample_choice": note, "probe_seconds": probe,
+            "ddpm_1000_steps_seconds": ddpm_seconds(net, scheduler, device, precision, args.num_samples,
+                                                    args.ddpm_steps) * T / args.ddpm_steps,
+            "ddim_50_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "ddim", 50),
+            "dpm_20_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "dpm++", 20)}
 
 
 def main(argv=None):
@@ -126,13 +158,11 @@ def main(argv=None):
         device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    precision = resolve_precision(args.precision, device)
     torch.manual_seed(0)
     shape = model_shape(args.in_channels, args.image_size, args.channel_mults)
     args.channel_mults = shape["channel_mults"]
     try:
-        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks)
-        model.to(device, memory_format=memory_format(device, training=True))
+        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks).to(device)
     except ValueError as e:
         p.error(str(e))
     scheduler = make_scheduler("linear", 1000).to(device)
@@ -141,54 +171,54 @@ def main(argv=None):
     flops = count_flops(model)
     peak_bf16 = matmul_peak(device, torch.bfloat16)
     peak_fp32 = matmul_peak(device, torch.float32)
-    train_ips = train_throughput(model, scheduler, device, precision, args.batch_size, args.train_steps, args.compile)
-    model.to(memory_format=memory_format(device, training=False)).eval()
-    if args.compile:
-        model = compile_for_sampling(model, device)
-    ddpm_part = ddpm_seconds(model, scheduler, device, precision, args.num_samples, args.ddpm_steps)
-    ddim50 = ddim_seconds(model, scheduler, device, precision, args.num_samples, 50)
-    peak = peak_bf16 if precision == "bf16" else peak_fp32
+    peak = max(peak_bf16, peak_fp32)
+    options = ["bf16", "fp32"] if args.precision == "both" else [args.precision]
+    runs = {option: measure(model, scheduler, device, option, args) for option in options}
+    for r in runs.values():
+        r["train_tflops_per_s"] = 3 * flops * r["train_images_per_s"] / 1e12
+        r["train_fraction_of_best_peak"] = 3 * flops * r["train_images_per_s"] / peak
     result = {
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "threads": torch.get_num_threads(), "precision": precision, "torch": torch.__version__,
+        "device": str(device), "device_name": describe_device(device), "torch": torch.__version__,
         "model": {"base_channels": args.channels, "channel_mults": args.channel_mults,
                   "num_res_blocks": args.num_res_blocks, "image": [args.in_channels, args.image_size, args.image_size],
                   "parameters": sum(q.numel() for q in model.parameters())},
         "forward_gflops_per_image": flops / 1e9,
         "train_batch_size": args.batch_size,
-        "train_images_per_s": train_ips,
-        "train_tflops_per_s": 3 * flops * train_ips / 1e12,
         "matmul_peak_bf16_tflops": peak_bf16 / 1e12,
         "matmul_peak_fp32_tflops": peak_fp32 / 1e12,
-        "train_fraction_of_peak": 3 * flops * train_ips / peak,
-        "ddpm_1000_steps_seconds": ddpm_part * T / args.ddpm_steps,
-        "ddpm_steps_timed": args.ddpm_steps,
-        "ddim_50_steps_seconds": ddim50,
         "num_samples": args.num_samples,
+        "ddpm_steps_timed": args.ddpm_steps,
+        "runs": runs,
         "peak_memory_mb": peak_memory_mb(device),
         "peak_memory_kind": "allocated" if device.type == "cuda" else "RSS",
     }
     if args.json:
         print(json.dumps(result, indent=1))
         return result
-    r = result
-    print(f"device {r['device']} ({r['device_name']}, {r['threads']} threads), {precision}, torch {r['torch']}")
+    print(f"device {result['device']} ({result['device_name']}), torch {result['torch']}")
     print(f"model: {args.channels} channels x {args.channel_mults}, {args.num_res_blocks} res blocks/level, "
-          f"{r['model']['parameters'] / 1e6:.2f} M parameters, image {args.in_channels}x{args.image_size}x{args.image_size}")
-    rows = [
-        ("forward FLOPs per image", f"{flops / 1e9:.3f} GFLOP"),
-        ("matmul peak bf16 / fp32 (measured now)", f"{peak_bf16 / 1e12:.3f} / {peak_fp32 / 1e12:.3f} TFLOP/s"),
-        (f"training, batch {args.batch_size}", f"{train_ips:.0f} images/s"),
-        ("training FLOP/s (3 x forward)", f"{r['train_tflops_per_s']:.3f} TFLOP/s = "
-                                          f"{100 * r['train_fraction_of_peak']:.0f}% of the {precision} matmul peak"),
-        (f"{args.num_samples} samples x {T} DDPM steps", f"{r['ddpm_1000_steps_seconds']:.1f} s "
-                                                         f"(timed over {args.ddpm_steps} steps, scaled to {T})"),
-        (f"{args.num_samples} samples x 50 DDIM steps", f"{ddim50:.1f} s"),
-        (f"peak memory ({r['peak_memory_kind']})", f"{r['peak_memory_mb']:.0f} MiB"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"  {k:<{width}}  {v}")
+          f"{result['model']['parameters'] / 1e6:.2f} M parameters, image {args.in_channels}x{args.image_size}x{args.image_size}")
+    print(f"  forward FLOPs per image: {flops / 1e9:.3f} GFLOP; matmul peak measured now: "
+          f"bf16 {peak_bf16 / 1e12:.3f}, fp32 {peak_fp32 / 1e12:.3f} TFLOP/s")
+    for option, r in runs.items():
+        rows = [
+            ("precision and layout chosen", f"training {r['train_precision']} {r['train_layout']}, sampling "
+                                            f"{r['sample_precision']} {r['sample_layout']}"),
+            ("why", f"training: {r['train_choice']}; sampling: {r['sample_choice']}"),
+            ("speed probe (both tasks)", f"{r['probe_seconds']:.2f} s"),
+            (f"training, batch {args.batch_size}", f"{r['train_images_per_s']:.0f} images/s = "
+                                                   f"{r['train_tflops_per_s']:.3f} TFLOP/s (3 x forward) = "
+                                                   f"{100 * r['train_fraction_of_best_peak']:.0f}% of the best matmul peak"),
+            (f"{args.num_samples} samples x {T} DDPM steps", f"{r['ddpm_1000_steps_seconds']:.1f} s "
+                                                             f"(timed over {args.ddpm_steps} steps, scaled to {T})"),
+            (f"{args.num_samples} samples x 50 DDIM steps", f"{r['ddim_50_steps_seconds']:.1f} s"),
+            (f"{args.num_samples} samples x 20 DPM-Solver++ steps", f"{r['dpm_20_steps_seconds']:.1f} s"),
+        ]
+        print(f"--precision {option}")
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"  {k:<{width}}  {v}")
+    print(f"  peak memory ({result['peak_memory_kind']}): {result['peak_memory_mb']:.0f} MiB")
     return result
 
 

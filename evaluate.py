@@ -40,8 +40,8 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
 from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
-from sampling import (DEFAULT_GUIDANCE, SAMPLERS, build_from_checkpoint, check_sampling_options, int_list, positive_int,
-                      sample, sampler_label)
+from sampling import (DEFAULT_GUIDANCE, SAMPLERS, build_from_checkpoint, check_sampling_options, fastest_setup, int_list,
+                      positive_int, sample, sampler_label)
 from unet import autocast, describe_device, resolve_precision
 
 CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are then retrained
@@ -302,11 +302,10 @@ def sampler_text(args, num_timesteps, conditional):
     return text + (f", guidance {args.guidance_scale:g}" if conditional else "")
 
 
-def generate(model, scheduler, num_classes, args, log):
+def generate(model, scheduler, num_classes, args, log, precision):
     """uint8 images (N, C, H, W) drawn from the model and the labels asked for (None if unconditional).
     Seeded, batched and labelled (row k of each 10-column grid is class k) exactly as sampling.py does,
     so `sampling.py --individual` with the same options writes the same images."""
-    precision = resolve_precision(args.precision, args.device)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images, requested = [], []
     start = time.perf_counter()
@@ -394,7 +393,8 @@ def score(images, requested, features, classifier, test_stats, device):
 
 
 def load_model(args, parser):
-    """(model, scheduler, config) from --ckpt, with the sampling options checked against it."""
+    """(model, scheduler, config, precision) from --ckpt, with the sampling options checked against it, the model
+    in the fastest layout and the precision the fastest for sampling (sampling.fastest_setup)."""
     ckpt = load_checkpoint(args.ckpt)
     if not all_finite(ckpt["ema"]):
         raise EvalError(f"the weights in {args.ckpt} are not finite (NaN or inf), so they cannot produce images")
@@ -403,15 +403,15 @@ def load_model(args, parser):
         parser.error(f"--steps {args.steps} is more than the {scheduler.num_timesteps} timesteps the model was trained with")
     if args.dataset is not None and args.dataset != config["dataset"]:
         parser.error(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on {config['dataset']}")
-    return model, scheduler, config
+    return model, scheduler, config, fastest_setup(model, args)
 
 
 def reference(args, parser, log):
     """Everything a score needs, before anything is sampled (nothing is sampled in vain): the model (None for
     --samples), the test data's classifier, features and statistics, and the images to score for --samples."""
-    model = scheduler = config = images = None
+    model = scheduler = config = images = precision = None
     if args.samples is None:
-        model, scheduler, config = load_model(args, parser)
+        model, scheduler, config, precision = load_model(args, parser)
         args.dataset = config["dataset"]
     if args.dataset == "folder":
         raise EvalError("the folder dataset has no test split apart from its training images to compare with")
@@ -427,9 +427,9 @@ def reference(args, parser, log):
     classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device, log)
     features = choose_features(channels, image_size, args.features, classifier, args.device, log)
     test_stats = get_test_stats(args.dataset, test[0], features, cache_dir, args.device, log)
-    return types.SimpleNamespace(model=model, scheduler=scheduler, config=config, images=images, train=train,
-                                       test=test, classifier=classifier, accuracy=accuracy, features=features,
-                                       test_stats=test_stats)
+    return types.SimpleNamespace(model=model, scheduler=scheduler, config=config, precision=precision, images=images,
+                                 train=train, test=test, classifier=classifier, accuracy=accuracy, features=features,
+                                 test_stats=test_stats)
 
 
 def evaluate(args, parser, log):
@@ -438,7 +438,7 @@ def evaluate(args, parser, log):
     if ref.model is None:
         images, requested, source = ref.images, None, args.samples
     else:
-        images, requested, _ = generate(ref.model, ref.scheduler, ref.config["num_classes"], args, log)
+        images, requested, _ = generate(ref.model, ref.scheduler, ref.config["num_classes"], args, log, ref.precision)
         source = f"{args.ckpt} ({sampler_text(args, ref.scheduler.num_timesteps, bool(ref.config['num_classes']))})"
     floor = real_slice(ref.train[0], len(images))
     scored = functools.partial(score, features=ref.features, classifier=ref.classifier, test_stats=ref.test_stats,
@@ -484,7 +484,8 @@ def sweep(args, parser, log):
             continue
         log(f"sweep: {sampler_label(sampler, steps, T, eta)}")
         point_args = argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": steps, "eta": eta})
-        images, requested, seconds = generate(ref.model, ref.scheduler, ref.config["num_classes"], point_args, log)
+        images, requested, seconds = generate(ref.model, ref.scheduler, ref.config["num_classes"], point_args, log,
+                                              ref.precision)
         scored = score(images, requested, ref.features, ref.classifier, ref.test_stats, args.device)
         results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps, "fid": scored["fid"],
                                   "seconds_per_100": 100 * seconds / args.num_samples,
@@ -543,7 +544,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="sampling precision; auto = bf16 autocast where the device supports it")
+                   help="sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, default), "
                    "ddim, dpm++ or dpm++sde (--steps steps)")
     p.add_argument("--steps", type=positive_int, default=None, help="steps of ddim (default 50), dpm++ and dpm++sde (default 20)")

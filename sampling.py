@@ -20,7 +20,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, all_finite, load_checkpoint
 from dataset import to_uint8
 from noise_scheduler import make_scheduler
-from unet import UNet, autocast, compile_for_sampling, memory_format, pick_device, resolve_precision
+from unet import LAYOUT_NAMES, UNet, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
 
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
               "attention_resolutions", "dropout", "num_heads", "num_classes")
@@ -163,7 +163,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="network precision; auto = bf16 autocast where the device supports it")
+                   help="network precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--out-dir", default=os.path.join("default", "samples"), help="where the PNGs go")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: all T ancestral steps (default); "
                    "ddim, dpm++ (DPM-Solver++(2M)) or dpm++sde (its stochastic form): --steps network evaluations")
@@ -188,6 +188,16 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_sampling_options(args, p)
     return args, p
+
+
+def fastest_setup(model, args):
+    """--precision auto: time the sampling model in each precision and layout (unet.choose_speed), keep the
+    fastest layout on the model, print the choice; returns the precision."""
+    precision, layout, note = choose_speed(model, args.device, args.precision, training=False,
+                                           batch_size=min(args.batch_size, args.num_samples or args.batch_size))
+    model.to(memory_format=layout)
+    print(f"sampling on {args.device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})", file=sys.stderr, flush=True)
+    return precision
 
 
 def check_sampling_options(args, parser):
@@ -216,8 +226,6 @@ def main(argv=None):
         model, scheduler, config = build_from_checkpoint(ckpt, args.device)
     except CheckpointError as e:
         sys.exit(f"error: {args.ckpt}: {e}")
-    if args.compile:
-        model = compile_for_sampling(model, args.device)
     T = scheduler.num_timesteps
     if args.sampler != "ddpm" and max(args.steps) > T:
         parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
@@ -226,7 +234,9 @@ def main(argv=None):
         parser.error(f"--label {args.label}: {args.ckpt} holds an unconditional model (train with --conditional)")
     if args.label is not None and not 0 <= args.label < num_classes:
         parser.error(f"--label {args.label} is outside the model's classes 0..{num_classes - 1}")
-    precision = resolve_precision(args.precision, args.device)
+    precision = fastest_setup(model, args)
+    if args.compile:
+        model = compile_for_sampling(model, args.device)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:

@@ -3,12 +3,17 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# The speed probe's verdicts (unet.choose_speed) are kept here for the whole session, not in the user's ~/.cache:
+# every script the tests run on one machine then agrees on the precision, whatever the machine's load.
+os.environ.setdefault("DDPM_CACHE_DIR", tempfile.mkdtemp(prefix="ddpm-speed-probe-"))
 
 # A tiny model and schedule, so that every script runs in seconds on two cores.
 TINY_MODEL = ["--channels", "8", "--channel-mults", "1,2", "--num-res-blocks", "1", "--num-timesteps", "50"]

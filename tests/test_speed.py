@@ -1,0 +1,112 @@
+"""--precision auto: the precision and memory layout are chosen by timing the real model, not by CPU flags."""
+import json
+
+import pytest
+import torch
+
+import unet
+from conftest import run_script
+from unet import UNet, choose_speed, fastest, time_candidates
+
+CPU = torch.device("cpu")
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return UNet(base_channels=8, channel_mults=(1, 2), attention_resolutions=(14,))
+
+
+def test_fastest_picks_the_candidate_that_took_the_least_time():
+    assert fastest({"fp32": 0.30, "bf16": 0.66}) == "fp32"
+    assert fastest({"fp32": 0.30, "bf16": 0.12}) == "bf16"
+
+
+def test_candidates_take_turns_and_keep_their_best_time():
+    calls, durations = [], iter([9, 9, 5, 1, 3, 2])          # warm-up a, b; then a, b; then a, b
+    clock = {"now": 0.0}
+
+    def run(candidate):
+        calls.append(candidate)
+        clock["now"] += next(durations)
+
+    original = unet.time.perf_counter
+    unet.time.perf_counter = lambda: clock["now"]
+    try:
+        seconds = time_candidates(run, ["a", "b"], repeats=2)
+    finally:
+        unet.time.perf_counter = original
+    assert calls == ["a", "b"] * 3
+    assert seconds == {"a": 3, "b": 1}, "the warm-up is not counted, and each keeps its fastest pass"
+
+
+@pytest.fixture
+def probe_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_CACHE_DIR", str(tmp_path))
+    return tmp_path / "speed_probe.json"
+
+
+def fake_probe(timings, calls):
+    def probe(model, device, training, batch, candidates):
+        calls.append((training, batch))
+        return {c: timings[c[0], unet.LAYOUT_NAMES[c[1]]] for c in candidates}
+    return probe
+
+
+@pytest.mark.parametrize("winner", [("bf16", "NCHW"), ("fp32", "NHWC"), ("fp32", "NCHW")])
+def test_auto_picks_the_fastest_of_the_timed_candidates_and_caches_the_verdict(winner, probe_cache, monkeypatch):
+    timings = {(p, f): 1.0 for p in ("fp32", "bf16") for f in ("NCHW", "NHWC")}
+    timings[winner] = 0.5
+    calls = []
+    monkeypatch.setattr(unet, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(unet, "_probe", fake_probe(timings, calls))
+    model = tiny_unet()
+    precision, layout, note = choose_speed(model, CPU, "auto", training=True, batch_size=128)
+    assert (precision, unet.LAYOUT_NAMES[layout]) == winner and "0.50x" in note
+    assert calls == [(True, unet.PROBE_BATCH[True])]
+    assert choose_speed(model, CPU, "auto", training=True, batch_size=128)[:2] == (precision, layout)
+    assert len(calls) == 1 and str(probe_cache) in choose_speed(model, CPU, "auto", True, 128)[2], "read from the cache"
+    choose_speed(model, CPU, "auto", training=False, batch_size=100)
+    assert calls[-1] == (False, unet.PROBE_BATCH[False]), "sampling is timed on its own"
+    assert len(json.loads(probe_cache.read_text())) == 2
+
+
+def test_a_cpu_without_bf16_only_times_the_layouts(probe_cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(unet, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(unet, "_probe", lambda model, device, training, batch, candidates: calls.append(candidates)
+                        or {c: 1.0 for c in candidates})
+    assert choose_speed(tiny_unet(), CPU, "auto", training=False)[0] == "fp32"
+    assert [p for p, _ in calls[0]] == ["fp32", "fp32"]
+
+
+@pytest.mark.parametrize("forced", ["bf16", "fp32"])
+def test_a_forced_precision_skips_the_probe(forced, probe_cache, monkeypatch):
+    def no_probe(*args):
+        raise AssertionError("a forced precision must not be timed")
+    monkeypatch.setattr(unet, "_probe", no_probe)
+    precision, layout, note = choose_speed(tiny_unet(), CPU, forced, training=True)
+    assert (precision, layout, note) == (forced, torch.contiguous_format, "forced")
+    assert not probe_cache.exists()
+
+
+def test_the_real_probe_leaves_the_model_and_the_random_state_as_they_were(probe_cache):
+    model = tiny_unet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    seconds = unet._probe(model, CPU, True, 4, [("fp32", torch.contiguous_format), ("fp32", torch.channels_last)])
+    assert set(seconds) == {("fp32", torch.contiguous_format), ("fp32", torch.channels_last)}
+    assert all(0 < s < 60 for s in seconds.values())
+    assert torch.equal(torch.get_rng_state(), rng), "the caller's random numbers must not depend on the probe"
+    assert all(p.grad is None for p in model.parameters()) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.conv_in.weight.is_contiguous()
+
+
+def test_sampling_with_auto_precision_prints_its_decision(good_checkpoint, tmp_path):
+    result = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", tmp_path / "s", "--num-samples", "4",
+                        "--sampler", "dpm++", "--steps", "3")
+    line = next(l for l in result.stderr.splitlines() if l.startswith("sampling on cpu in "))
+    assert "measured:" in line or "the only candidate" in line or "cached" in line, line
+    forced = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", tmp_path / "f", "--num-samples", "4",
+                        "--sampler", "dpm++", "--steps", "3", "--precision", "fp32")
+    assert "sampling on cpu in fp32, NCHW (forced)" in forced.stderr
