@@ -32,7 +32,7 @@ from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, load_chec
 from dataset import DATASETS, NATURAL_IMAGES, DataError, load_dataset, random_hflip, to_model_range
 from noise_scheduler import SCHEDULES, make_scheduler
 from sampling import DEFAULT_GUIDANCE, int_list, model_config, positive_int, sample, save_grid
-from unet import UNet, autocast, memory_format, pick_device, resolve_precision
+from unet import LAYOUT_NAMES, LAYOUT_NAMES_INV, UNet, autocast, choose_speed, memory_format, pick_device
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
 DEFAULTS = dict(
@@ -51,6 +51,7 @@ LR_SCHEDULES = ("linear", "constant")
 LOSSES = ("plain", "min-snr")
 CKPT_NAME = "ddpm_ckpt.pth"
 STEP_LOG_NAME = "loss_steps.csv"
+PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
 LOCK_NAME = ".lock"          # OUT_DIR/.lock: flock-ed by the run that owns the folder, with its PID inside
 # One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on
@@ -102,7 +103,8 @@ def build_parser():
     a = p.add_argument
     a("--dataset", choices=DATASETS, help=f"training data (default {d['dataset']}); folder: every image below --data-dir")
     a("--image-size", type=positive_int, help="side of the square images, for --dataset folder (default 32)")
-    a("--epochs", type=positive_int, help=f"total epochs of the run (default {d['epochs']}); raise it with --resume to train longer")
+    a("--epochs", type=positive_int, help=f"total epochs of the run (default {d['epochs']}, unless --max-minutes is given "
+      f"alone); raise it with --resume to train longer")
     a("--batch-size", type=positive_int, help=f"images per optimizer step, over all processes (default {d['batch_size']})")
     a("--lr", type=positive_float, help=f"AdamW learning rate (default {d['lr']})")
     a("--warmup-steps", type=non_negative_int, help=f"linear learning-rate warm-up (default {d['warmup_steps']})")
@@ -125,7 +127,8 @@ def build_parser():
     a("--preview-samples", type=non_negative_int, help="images in each epoch's sample grid, 0 for none (default 100)")
     a("--preview-steps", type=positive_int, help="DDIM steps for the epoch grids (default 50)")
     a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto = bf16 autocast where supported")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: the faster of bf16 and fp32 (and of "
+      "the NCHW and NHWC layouts), timed on this device at start-up; a resumed run keeps the precision it started with")
     a("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     a("--data-dir", default="data", help="dataset folder (default data)")
     a("--stream", action="store_true", help="--dataset folder: decode the images from disk batch by batch instead of "
@@ -135,8 +138,9 @@ def build_parser():
     a("--out-dir", default="default", help="checkpoint, samples and loss log folder (default default)")
     a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
     a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
-    a("--max-minutes", type=positive_float, help="stop after this many minutes of training, saving the checkpoint "
-      "mid-epoch (exit 0); --resume continues the run exactly")
+    a("--max-minutes", type=positive_float, help="train for this many minutes, however many epochs that is (with "
+      "--epochs too: whichever ends first); the learning rate reaches zero at the end, the checkpoint is saved "
+      "mid-epoch (exit 0), and --resume --max-minutes M trains M minutes more")
     a("--save-every-minutes", type=non_negative_float, default=SAVE_EVERY_MINUTES, help="also save the checkpoint "
       f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "
       f"at the end of each epoch (default {SAVE_EVERY_MINUTES:g})")
@@ -390,6 +394,22 @@ def preview(ema, scheduler, config, device, precision, path):
     save_grid(x, path)
 
 
+def training_speed(model, device, precision_option, config, master, world):
+    """(precision, memory layout, why) of the training steps.  --precision auto times the candidates on this model
+    (unet.choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and layout
+    it started with, so that it goes on bit for bit, unless a precision is forced."""
+    if precision_option == "auto" and "precision" in config:
+        return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
+    decision = [None, None, None]
+    if master:
+        precision, layout, note = choose_speed(model, device, precision_option, training=True,
+                                               batch_size=config["batch_size"] // world)
+        decision = [precision, LAYOUT_NAMES[layout], note]
+    if world > 1:
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -421,7 +441,6 @@ def main(argv=None):
     config = resolve_config(args, parser, ckpt)
     if config["batch_size"] % world:
         parser.error(f"--batch-size {config['batch_size']} does not divide over {world} processes")
-    precision = resolve_precision(args.precision, device)
 
     try:
         images, labels = load_dataset(config["dataset"], args.data_dir, train=True, download=master,
@@ -446,9 +465,12 @@ def main(argv=None):
 
     torch.manual_seed(config["seed"])
     try:
-        model = UNet(**model_config(config)).to(device, memory_format=memory_format(device, training=True))
+        model = UNet(**model_config(config)).to(device)
     except ValueError as e:
         parser.error(str(e))
+    precision, layout, speed_note = training_speed(model, device, args.precision, config, master, world)
+    model.to(memory_format=layout)
+    config.update(precision=precision, memory_format=LAYOUT_NAMES[layout])
     ema = copy.deepcopy(model).to(memory_format=memory_format(device, training=False)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
     scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
@@ -487,7 +509,9 @@ def main(argv=None):
     batches_per_epoch = n_images // config["batch_size"]
     if batches_per_epoch == 0:
         fail(f"the dataset has {n_images} images, fewer than one batch of {config['batch_size']}")
-    epoch_steps, first_step = config["epochs"] * batches_per_epoch, step
+    # --max-minutes alone sets the length of the run; the epochs then count only with --epochs given.
+    last_epoch = math.inf if args.max_minutes and args.epochs is None else config["epochs"]
+    epoch_steps, first_step = last_epoch * batches_per_epoch, step
     total_steps, started = epoch_steps, time.monotonic()
     deadline = started + 60 * args.max_minutes if args.max_minutes else None
     save_every = 60 * args.save_every_minutes or None        # seconds between timed mid-epoch saves
@@ -495,8 +519,10 @@ def main(argv=None):
     log_path = os.path.join(args.out_dir, "loss_log.csv")
     if master:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"training on {n_images} {config['dataset']} images, {device.type} ({precision}), {world} process(es), "
-              f"{n_params / 1e6:.2f} M parameters, epochs {epoch + 1}..{config['epochs']}")
+        print(f"training on {n_images} {config['dataset']} images, {device.type} in {precision}, {config['memory_format']} "
+              f"({speed_note}), {world} process(es), "
+              f"{n_params / 1e6:.2f} M parameters, "
+              + (f"epochs {epoch + 1}..{last_epoch}" if last_epoch < math.inf else f"{args.max_minutes:g} minutes"))
 
     def checkpoint(epoch_, batch_):
         """Gather every process's random state; rank 0 writes the checkpoint."""
@@ -519,12 +545,13 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
 
-    while epoch < config["epochs"]:
+    preview_seconds, last_preview = 0.0, time.monotonic()
+    while epoch < last_epoch:
         # The epoch's order depends only on (seed, epoch): the same after a resume, and shared by all processes.
         order = torch.randperm(n_images, generator=torch.Generator().manual_seed(config["seed"] * 100003 + epoch))
         start_time, start_batch = time.perf_counter(), batch_in_epoch
         with tqdm(total=batches_per_epoch * config["batch_size"], initial=batch_in_epoch * config["batch_size"],
-                  unit="img", unit_scale=True, desc=f"epoch {epoch + 1}/{config['epochs']}", disable=not master,
+                  unit="img", unit_scale=True, desc=f"epoch {epoch + 1}" + (f"/{last_epoch}" if last_epoch < math.inf else ""), disable=not master,
                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
             train_model.train()
             data = epoch_batches(images, labels if config["conditional"] else None, order, batch_in_epoch,
@@ -592,15 +619,23 @@ def main(argv=None):
         if save_every:
             next_save = time.monotonic() + save_every
         if master:
-            grid = os.path.join(args.out_dir, "samples", f"epoch_{epoch:03d}.png")
-            if config["preview_samples"]:
+            # A grid of samples after the first and the last epoch, and after any other once the training since
+            # the last grid took PREVIEW_SHARE times what drawing it took: on small datasets, whose epochs take
+            # seconds, grids would otherwise eat the time budget.
+            grid = None
+            if config["preview_samples"] and (epoch == last_epoch or
+                                              time.monotonic() - last_preview >= PREVIEW_SHARE * preview_seconds):
+                grid = os.path.join(args.out_dir, "samples", f"epoch_{epoch:03d}.png")
+                preview_start = time.monotonic()
                 preview(ema, scheduler, config, device, precision, grid)
+                last_preview = time.monotonic()
+                preview_seconds = last_preview - preview_start
             append_csv(log_path, ["epoch", "step", "loss", "images_per_s", "seconds"],
                        [epoch, step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}"])
             print(f"epoch {epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s, saved {ckpt_path}"
-                  + (f" and {grid}" if config["preview_samples"] else ""))
+                  + (f" and {grid}" if grid else ""))
     if master:
-        print(f"done: {config['epochs']} epochs, {step} steps. Sample with: python sampling.py --ckpt {ckpt_path}")
+        print(f"done: {epoch} epochs, {step} steps. Sample with: python sampling.py --ckpt {ckpt_path}")
     if world > 1:
         dist.destroy_process_group()
 

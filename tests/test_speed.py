@@ -110,3 +110,35 @@ def test_sampling_with_auto_precision_prints_its_decision(good_checkpoint, tmp_p
     forced = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", tmp_path / "f", "--num-samples", "4",
                         "--sampler", "dpm++", "--steps", "3", "--precision", "fp32")
     assert "sampling on cpu in fp32, NCHW (forced)" in forced.stderr
+
+
+def test_a_resumed_run_keeps_the_precision_it_started_with(train_tiny, tmp_path):
+    out = tmp_path / "run"
+    first = train_tiny(out, "--epochs", "1", "--precision", "bf16")
+    assert "cpu in bf16, NCHW (forced)" in first.stdout
+    resumed = train_tiny(out, "--epochs", "2", "--resume")                 # --precision auto: no new probe
+    assert "cpu in bf16, NCHW (as the run started)" in resumed.stdout
+    config = torch.load(out / "ddpm_ckpt.pth", weights_only=True)["config"]
+    assert (config["precision"], config["memory_format"]) == ("bf16", "NCHW")
+    forced = train_tiny(out, "--epochs", "3", "--resume", "--precision", "fp32")   # unless asked otherwise
+    assert "cpu in fp32, NCHW (forced)" in forced.stdout
+    assert torch.load(out / "ddpm_ckpt.pth", weights_only=True)["config"]["precision"] == "fp32"
+
+
+def test_a_new_training_run_prints_the_probe_verdict(train_tiny, tmp_path):
+    result = train_tiny(tmp_path / "run", "--epochs", "1")
+    line = next(l for l in result.stdout.splitlines() if l.startswith("training on "))
+    assert "measured:" in line or "cached" in line or "the only candidate" in line, line
+
+
+def test_benchmark_reports_both_precisions_and_the_fraction_of_the_best_peak():
+    import benchmark
+    result = benchmark.main(["--precision", "both", "--channels", "8", "--channel-mults", "1,2", "--train-steps", "1",
+                             "--ddpm-steps", "2", "--num-samples", "4", "--batch-size", "8", "--json"])
+    assert set(result["runs"]) == {"bf16", "fp32"}
+    best_peak = 1e12 * max(result["matmul_peak_bf16_tflops"], result["matmul_peak_fp32_tflops"])
+    flops = 1e9 * result["forward_gflops_per_image"]
+    for precision, run in result["runs"].items():
+        assert run["train_precision"] == run["sample_precision"] == precision and run["probe_seconds"] < 1
+        assert run["train_fraction_of_best_peak"] == pytest.approx(3 * flops * run["train_images_per_s"] / best_peak)
+        assert run["ddpm_1000_steps_seconds"] > 0 and run["ddim_50_steps_seconds"] > 0 and run["dpm_20_steps_seconds"] > 0

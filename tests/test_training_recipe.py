@@ -1,0 +1,73 @@
+"""The training recipe: Min-SNR-gamma weighting, the budget-aware learning rate, and a run set by its minutes."""
+import math
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, make_digits, run_script, write_idx
+from noise_scheduler import LinearNoiseScheduler
+from test_scripts import load
+from training import DEFAULTS, diffusion_loss, learning_rate, planned_steps
+
+
+def noisy_predictor(x_t, t, labels):
+    return 0.5 * x_t + 0.01 * t[:, None, None, None].float() / 1000
+
+
+def loss_with(gamma, seed=0):
+    sched = LinearNoiseScheduler()
+    x0 = torch.rand(256, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    return diffusion_loss(noisy_predictor, sched, x0, generator=torch.Generator().manual_seed(seed),
+                          min_snr_gamma=gamma)
+
+
+def test_min_snr_weighting_with_infinite_gamma_is_the_plain_objective():
+    assert loss_with(math.inf).item() == pytest.approx(loss_with(None).item(), rel=1e-6)
+    assert loss_with(5.0).item() < loss_with(None).item()       # the weights min(SNR, 5) / SNR are at most 1
+
+
+def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
+    sched = LinearNoiseScheduler()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.zeros(1000, 1, 2, 2)
+    t = sched.sample_timesteps(1000, g)                                        # the draws diffusion_loss will make
+    noise = torch.randn(x0.shape, generator=g)
+    predictor = lambda x_t, t_, labels: torch.zeros_like(x_t)                 # noqa: E731: error = the noise itself
+    loss = diffusion_loss(predictor, sched, x0, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / snr * noise.pow(2).mean(dim=(1, 2, 3))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_the_linear_schedule_warms_up_then_reaches_zero_at_the_last_step():
+    config = {**DEFAULTS, "lr": 1e-3, "warmup_steps": 10, "lr_schedule": "linear"}
+    total = 110
+    rates = [learning_rate(config, step, total) for step in range(total)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)          # warm-up
+    assert rates[-1] == 0.0 and rates[-2] > 0                                          # zero at the last step
+    assert rates[60] == pytest.approx(1e-3 * (109 - 60) / (109 - 10))                  # a straight line between
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))
+    constant = {**config, "lr_schedule": "constant"}
+    assert [learning_rate(constant, s, total) for s in (9, 60, 109)] == [pytest.approx(1e-3)] * 3
+    assert learning_rate(config, 60, total) == learning_rate(config, 60, total), "a function of the step alone"
+
+
+def test_the_plan_follows_the_epochs_or_the_minutes_left():
+    assert planned_steps(1000, 10, None, 0.0, 10) == 1000                 # no deadline: --epochs decides
+    now = __import__("time").monotonic()
+    # 100 steps took 100 s; 50 s are left: 50 more steps, and never more than the epochs allow
+    assert planned_steps(10_000, 100, now + 50, now - 100, 100) in (149, 150)
+    assert planned_steps(120, 100, now + 50, now - 100, 100) == 120
+    assert planned_steps(math.inf, 100, now - 1, now - 100, 100) == 100   # past the deadline: no step left
+
+
+def test_max_minutes_alone_trains_past_the_default_epochs_and_ends_with_the_rate_at_zero(tmp_path):
+    write_idx(tmp_path / "data" / "MNIST" / "raw", "train", *make_digits(16, 0))     # one small step per epoch
+    write_idx(tmp_path / "data" / "MNIST" / "raw", "t10k", *make_digits(16, 1))
+    out = tmp_path / "run"
+    result = run_script("training.py", "--data-dir", tmp_path / "data", "--out-dir", out, "--batch-size", "16",
+                        "--preview-samples", "0", "--warmup-steps", "5", *TINY_MODEL, "--max-minutes", "0.3")
+    assert "--max-minutes 0.3 reached" in result.stdout
+    state = load(out / "ddpm_ckpt.pth")
+    assert state["step"] > DEFAULTS["epochs"], "the 20 default epochs (of one step each) do not cut a run of set minutes"
+    assert state["optimizer"]["param_groups"][0]["lr"] < 0.1 * DEFAULTS["lr"], "the rate decays to the deadline"
