@@ -158,7 +158,7 @@ def test_dpm_solver_through_the_scripts(good_checkpoint, tmp_path):
 def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_points(good_checkpoint, data_dir,
                                                                                    tmp_path):
     common = ["evaluate.py", "--ckpt", good_checkpoint, "--data-dir", data_dir, "--cache-dir", tmp_path,
-              "--num-samples", "20", "--batch-size", "20", "--classifier-epochs", "1", "--sweep",
+              "--num-samples", "10", "--batch-size", "10", "--classifier-epochs", "1", "--sweep",
               "--sweep-steps", "2,4", "--sweep-out", tmp_path / "sweep.json"]
     result = run_script(*common)
     points = json.loads((tmp_path / "sweep.json").read_text())["points"]
@@ -169,3 +169,7 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
     assert "| DPM-Solver++(2M) | 4 |" in result.stdout and "real images (floor)" in result.stdout
     again = run_script(*common)
     assert "reusing 9 points" in again.stdout and "sweep: " not in again.stdout
+    only = run_script(*common[:-1], tmp_path / "only.json", "--sweep-samplers", "dpm++")
+    points = json.loads((tmp_path / "only.json").read_text())["points"]
+    assert [(p["label"], p["steps"]) for p in points] == [("DPM-Solver++(2M)", 2), ("DPM-Solver++(2M)", 4)]
+    assert "DDPM" not in only.stdout
