@@ -1,16 +1,18 @@
 """Train a DDPM: algorithm 1 of Ho et al. (2020).
 
-    python training.py                       # MNIST, checkpoint in default/ddpm_ckpt.pth
+    python training.py                       # MNIST, 20 epochs, checkpoint in default/ddpm_ckpt.pth
+    python training.py --max-minutes 30      # the CPU recipe: 30 minutes, the learning rate decaying to zero
     python training.py --resume              # continue that run exactly where it stopped
     python training.py --dataset fashion-mnist --epochs 5
     torchrun --standalone --nproc_per_node=2 training.py    # data-parallel on 2 processes (gloo on CPU, nccl on CUDA)
 
-Every epoch writes the checkpoint (atomically), a grid of samples from the EMA weights in
-<out-dir>/samples/epoch_NNN.png and a row of <out-dir>/loss_log.csv.  Ctrl-C or SIGTERM finishes
-the current step, saves the position inside the epoch and exits (130 / 143); --resume continues
-from there with the same result, bit for bit on the CPU, as a run that was never stopped.  The checkpoint is
-also saved mid-epoch every --save-every-minutes (5), so a SIGKILL or a power cut loses at most that much
-training.  A run holds a lock on <out-dir>/.lock for its whole life: a second run on the same folder is refused.
+Every epoch writes the checkpoint (atomically) and a row of <out-dir>/loss_log.csv; every 50 steps add a
+row to <out-dir>/loss_steps.csv; the first and last epochs, and others as time allows, leave a grid of
+samples from the EMA weights in <out-dir>/samples/epoch_NNN.png.  Ctrl-C or SIGTERM finishes the current
+step, saves the position inside the epoch and exits (130 / 143); --resume continues from there with the
+same result, bit for bit on the CPU, as a run that was never stopped.  The checkpoint is also saved
+mid-epoch every --save-every-minutes (5), so a SIGKILL or a power cut loses at most that much training.
+A run holds a lock on <out-dir>/.lock for its whole life: a second run on the same folder is refused.
 """
 import argparse
 import copy
