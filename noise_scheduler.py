@@ -173,7 +173,6 @@ class NoiseScheduler:
             x_prev = x_prev + sigma * _noise_like(x_t, generator)
         return x_prev, x0
 
-
     def _alpha_sigma(self, t):
         """(alpha_t, sigma_t, lambda_t) as float64 scalars; t = -1 is the clean data (alpha 1, sigma 0, lambda inf)."""
         if t < 0:
@@ -203,16 +202,17 @@ class NoiseScheduler:
         x0 = self.predict_x0(x_t, tt, eps)
         if clip_x0:
             x0 = x0.clamp(-1.0, 1.0)
+        if t_prev < 0:                       # the last step, first order: sigma_prev = 0 leaves x_prev = D = x_0
+            return x0, x0
         alpha_t, sigma_t, lambda_t = self._alpha_sigma(t)
         alpha_prev, sigma_prev, lambda_prev = self._alpha_sigma(t_prev)
         h = lambda_prev - lambda_t
         d = x0
-        if previous is not None and t_prev >= 0:
+        if previous is not None:
             t_last, x0_last = previous
-            r = (lambda_t - self._alpha_sigma(t_last)[2]) / h
+            h_last = lambda_t - self._alpha_sigma(t_last)[2]
+            r = h_last / h
             d = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_last
-        if t_prev < 0:
-            return d, x0
         if not stochastic:
             return sigma_prev / sigma_t * x_t - alpha_prev * math.expm1(-h) * d, x0
         x_prev = sigma_prev / sigma_t * math.exp(-h) * x_t - alpha_prev * math.expm1(-2.0 * h) * d
