@@ -276,7 +276,7 @@ def fastest(seconds):
     return min(seconds, key=seconds.get)
 
 
-def time_candidates(run, candidates, repeats=2):
+def time_candidates(run, candidates, repeats=1):
     """{candidate: seconds of one run(candidate)}: the least of `repeats` timed calls after an untimed warm-up,
     the candidates taking turns so that a slow moment of a busy machine hits all of them alike."""
     best = {c: math.inf for c in candidates}
