@@ -85,7 +85,7 @@ def plot_loss(log_path, path):
     if epochs:
         ax.plot([int(r["step"]) for r in epochs], [float(r["loss"]) for r in epochs], "o-", label="mean of the epoch")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("MSE loss ||eps - eps_theta||^2")
+    ax.set_ylabel("loss (the --loss objective)")
     ax.set_yscale("log")
     ax.set_title("Training loss")
     ax.grid(True, alpha=0.3)
