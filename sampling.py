@@ -49,7 +49,7 @@ DEFAULT_GUIDANCE = 2.0
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
 DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20}
 # How the few-step samplers space their timesteps (noise_scheduler.timesteps), chosen by measured FID: see README.
-SPACING = {"ddim": "uniform", "dpm++": "logsnr", "dpm++sde": "logsnr"}
+SPACING = {"ddim": "uniform", "dpm++": "uniform", "dpm++sde": "uniform"}
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)"}
 
 
