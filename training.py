@@ -1,7 +1,7 @@
 """Train a DDPM: algorithm 1 of Ho et al. (2020).
 
     python training.py                       # MNIST, 20 epochs, checkpoint in default/ddpm_ckpt.pth
-    python training.py --max-minutes 30      # the CPU recipe: 30 minutes, the learning rate decaying to zero
+    python training.py --max-minutes 30      # the CPU recipe: 30 minutes, however many epochs that is
     python training.py --resume              # continue that run exactly where it stopped
     python training.py --dataset fashion-mnist --epochs 5
     torchrun --standalone --nproc_per_node=2 training.py    # data-parallel on 2 processes (gloo on CPU, nccl on CUDA)
@@ -40,7 +40,7 @@ from unet import LAYOUT_NAMES, LAYOUT_NAMES_INV, UNet, autocast, choose_speed, m
 DEFAULTS = dict(
     dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
-    schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="linear", loss="min-snr", min_snr_gamma=5.0,
+    schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="constant", loss="plain", min_snr_gamma=5.0,
     conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=20,
 )
 # What a checkpoint written before these options existed was trained with.
@@ -141,8 +141,8 @@ def build_parser():
     a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
     a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
     a("--max-minutes", type=positive_float, help="train for this many minutes, however many epochs that is (with "
-      "--epochs too: whichever ends first); the learning rate reaches zero at the end, the checkpoint is saved "
-      "mid-epoch (exit 0), and --resume --max-minutes M trains M minutes more")
+      "--epochs too: whichever ends first; with --lr-schedule linear the rate reaches zero at the end); the "
+      "checkpoint is saved mid-epoch (exit 0), and --resume --max-minutes M trains M minutes more")
     a("--save-every-minutes", type=non_negative_float, default=SAVE_EVERY_MINUTES, help="also save the checkpoint "
       f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "
       f"at the end of each epoch (default {SAVE_EVERY_MINUTES:g})")

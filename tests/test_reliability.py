@@ -33,11 +33,11 @@ def wait_for_training_to_start(proc):
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_mid_epoch_and_resume_is_bit_exact(data_dir, tmp_path, signum, code):
     run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "straight", "--batch-size", "8",
-               "--preview-samples", "0", "--epochs", "2", *TINY_MODEL)
+               "--preview-samples", "0", "--epochs", "2", "--lr-schedule", "linear", "--loss", "min-snr", *TINY_MODEL)
     with open(tmp_path / "straight" / "loss_steps.csv") as f:     # 64 steps: one row of the mean of steps 1..50
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["epoch"]) for r in rows] == [("50", "2")] and 0 < float(rows[0]["loss"]) < 10
-    proc = start_training(data_dir, tmp_path / "stopped", "--epochs", "2")
+    proc = start_training(data_dir, tmp_path / "stopped", "--epochs", "2", "--lr-schedule", "linear", "--loss", "min-snr")
     wait_for_training_to_start(proc)
     time.sleep(0.5)
     proc.send_signal(signum)

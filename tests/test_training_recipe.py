@@ -66,7 +66,8 @@ def test_max_minutes_alone_trains_past_the_default_epochs_and_ends_with_the_rate
     write_idx(tmp_path / "data" / "MNIST" / "raw", "t10k", *make_digits(16, 1))
     out = tmp_path / "run"
     result = run_script("training.py", "--data-dir", tmp_path / "data", "--out-dir", out, "--batch-size", "16",
-                        "--preview-samples", "0", "--warmup-steps", "5", *TINY_MODEL, "--max-minutes", "0.3")
+                        "--preview-samples", "0", "--warmup-steps", "5", "--lr-schedule", "linear", *TINY_MODEL,
+                        "--max-minutes", "0.3")
     assert "--max-minutes 0.3 reached" in result.stdout
     state = load(out / "ddpm_ckpt.pth")
     assert state["step"] > DEFAULTS["epochs"], "the 20 default epochs (of one step each) do not cut a run of set minutes"
