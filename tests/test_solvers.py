@@ -173,3 +173,9 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
     points = json.loads((tmp_path / "only.json").read_text())["points"]
     assert [(p["label"], p["steps"]) for p in points] == [("DPM-Solver++(2M)", 2), ("DPM-Solver++(2M)", 4)]
     assert "DDPM" not in only.stdout
+
+
+def test_dpm_solver_spaces_few_steps_evenly_in_t_and_many_in_log_snr():
+    from sampling import spacing
+    assert [spacing("dpm++", n) for n in (5, 20, 25, 26, 50)] == ["uniform"] * 3 + ["logsnr"] * 2
+    assert spacing("dpm++sde", 50) == "logsnr" and spacing("ddim", 50) == "uniform"
