@@ -570,7 +570,7 @@ def build_parser():
                    "each of --sweep-steps, and of the 1000-step DDPM: a table, SWEEP.json and a picture SWEEP.png")
     p.add_argument("--sweep-steps", type=int_list, default=[5, 10, 20, 50], help="step counts of --sweep (default 5,10,20,50)")
     p.add_argument("--sweep-samplers", type=sampler_list, default=list(SAMPLERS), help="the samplers of --sweep "
-                   "(default all: ddpm,ddim,dpm++,dpm++sde); the 1000-step ddpm point takes an hour on a CPU at N = 1,000")
+                   "(default all: ddpm,ddim,dpm++,dpm++sde); the 1000-step ddpm point is the slow one on a CPU")
     p.add_argument("--sweep-out", default=None, metavar="SWEEP.json",
                    help="where --sweep writes its points (default: sweep.json beside the checkpoint; the picture beside it)")
     return p
