@@ -46,7 +46,8 @@ def test_attention_only_at_listed_resolutions():
 
 @pytest.mark.parametrize("channels,size,mults", [(1, 28, (1, 2, 2)), (3, 32, (1, 2, 2, 2))])
 def test_channels_last_weights_give_the_same_prediction_in_nhwc(channels, size, mults):
-    """memory_format's promise: NHWC weights alone turn the activations NHWC, and nothing else changes."""
+    """What the NHWC candidate of the speed probe (unet.choose_speed) relies on: NHWC weights alone turn the
+    activations NHWC, and nothing else changes."""
     torch.manual_seed(0)
     model = randomize_output(UNet(in_channels=channels, image_size=size, base_channels=8, channel_mults=mults,
                                   attention_resolutions=(size // 4,), num_classes=10)).eval()
@@ -55,7 +56,7 @@ def test_channels_last_weights_give_the_same_prediction_in_nhwc(channels, size, 
     model.conv_out.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
     with torch.no_grad():
         ref = model(x, t, y)
-        model.to(memory_format=memory_format(torch.device("cpu"), training=False))
+        model.to(memory_format=torch.channels_last)
         out = model(x, t, y)
     assert seen[0].is_contiguous() and not seen[0].is_contiguous(memory_format=torch.channels_last)
     assert seen[1].is_contiguous(memory_format=torch.channels_last) and not seen[1].is_contiguous()
@@ -119,3 +120,10 @@ def test_recomputing_the_normalized_maps_keeps_the_gradients_and_saves_memory(mo
     for a, b in zip(recomputed, kept):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert recomputed_bytes < 0.8 * kept_bytes
+
+
+def test_the_unmeasured_layout_is_nhwc_on_a_gpu_and_nchw_elsewhere():
+    """The layout used where nothing is timed: a forced precision, or a CUDA GPU with bf16."""
+    assert memory_format(torch.device("cuda"), training=True) == torch.channels_last
+    for training in (True, False):
+        assert memory_format(torch.device("cpu"), training) == torch.contiguous_format
