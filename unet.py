@@ -269,6 +269,7 @@ def memory_format(device, training):
 
 
 LAYOUT_NAMES = {torch.contiguous_format: "NCHW", torch.channels_last: "NHWC"}
+LAYOUT_NAMES_INV = {name: layout for layout, name in LAYOUT_NAMES.items()}
 
 
 def fastest(seconds):
@@ -358,9 +359,6 @@ def choose_speed(model, device, precision="auto", training=False, batch_size=100
     best = fastest(seconds)
     others = ", ".join(f"{p} {LAYOUT_NAMES[f]} {seconds[best] / t:.2f}x" for (p, f), t in seconds.items() if (p, f) != best)
     return best[0], best[1], f"measured: {others} as fast here; {where}"
-
-
-LAYOUT_NAMES_INV = {name: layout for layout, name in LAYOUT_NAMES.items()}
 
 
 def _probe(model, device, training, batch, candidates):
