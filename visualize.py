@@ -129,7 +129,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Pictures of the noise schedule, the forward process and the loss.")
     p.add_argument("what", choices=["schedule", "forward", "loss"])
     p.add_argument("--out", help="output PNG (default default/<what>.png)")
-    p.add_argument("--num-timesteps", type=positive_int, default=1000)
+    p.add_argument("--num-timesteps", type=positive_int, default=1000, help="T of the schedules (schedule, forward)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default="linear", help="for forward")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="for forward")
     p.add_argument("--data-dir", default="data", help="for forward")
