@@ -41,7 +41,7 @@ def build_from_checkpoint(ckpt, device):
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"its weights do not fit the model its configuration describes ({detail})") from None
-    model.to(device, memory_format=memory_format(device, training=False)).eval()
+    model.to(device, memory_format=memory_format(device)).eval()
     return model, scheduler, config
 
 

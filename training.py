@@ -472,7 +472,7 @@ def main(argv=None):
     precision, layout, speed_note = training_speed(model, device, args.precision, config, master, world)
     model.to(memory_format=layout)
     config.update(precision=precision, memory_format=LAYOUT_NAMES[layout])
-    ema = copy.deepcopy(model).to(memory_format=memory_format(device, training=False)).eval().requires_grad_(False)
+    ema = copy.deepcopy(model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=0.0)
     scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
     generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + rank)

@@ -261,7 +261,7 @@ def autocast(device, precision):
     return contextlib.nullcontext()
 
 
-def memory_format(device, training):
+def memory_format(device):
     """The layout of the activations when it is not measured (`choose_speed` measures it on a CPU): NHWC
     ("channels_last") on a GPU, whose tensor cores read it natively, else NCHW.  Converting the weights is
     enough: a convolution with NHWC weights returns NHWC activations, and the layers after it keep them."""
@@ -331,7 +331,7 @@ def choose_speed(model, device, precision="auto", training=False, batch_size=100
     machine, threads, torch version, task, batch and model shape, so later runs start at once and two runs on
     one machine always agree; the random state of the caller is left as it was.
     """
-    layout = memory_format(device, training)
+    layout = memory_format(device)
     if precision != "auto":
         return resolve_precision(precision, device), layout, "forced"
     if device.type == "cuda" and bf16_supported(device):
