@@ -200,6 +200,12 @@ class StopRequest:
                   file=sys.stderr, flush=True)
         self.signum = self.signum or signum
 
+    def ignore_further(self):
+        """Once the checkpoint is saved: ignore further signals.  Python restores the default handlers while
+        it shuts down, so one more Ctrl-C then would kill the process (exit -2) instead of ending it with 130."""
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
 
 def check_writable(folder):
     """Fail before training, not after the first epoch, if the output folder cannot be written."""
@@ -605,6 +611,7 @@ def main(argv=None):
                               f"(step {step}); continue with: python training.py --resume --out-dir {args.out_dir}",
                               file=sys.stderr if by_signal else sys.stdout)
                     if by_signal:
+                        stop.ignore_further()
                         sys.exit(128 + (stop.signum or signal.SIGTERM))
                     if world > 1:
                         dist.destroy_process_group()
