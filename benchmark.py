@@ -21,15 +21,20 @@ import time
 
 import torch
 
+from cli import add_device_options, int_list, positive_int
+from hardware import (
+    LAYOUT_NAMES,
+    autocast,
+    choose_speed,
+    compile_for_sampling,
+    describe_device,
+    pick_device,
+    synchronize,
+)
 from noise_scheduler import make_scheduler
-from sampling import int_list, positive_int, sample
+from sampling import sample
 from training import DEFAULTS, diffusion_loss, model_shape
-from unet import LAYOUT_NAMES, UNet, autocast, choose_speed, compile_for_sampling, count_flops, describe_device, pick_device
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from unet import UNet, count_flops
 
 
 def matmul_peak(device, dtype, seconds=1.0):
@@ -106,17 +111,18 @@ def peak_memory_mb(device):
 def build_parser():
     d = DEFAULTS
     p = argparse.ArgumentParser(description="Benchmark DDPM training and sampling on one device.")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32", "both"],
-                   help="auto: what training.py and sampling.py choose (timed at start-up, the probe's cost is "
-                        "printed); bf16 or fp32: forced; both: bf16 and fp32 one after the other")
+    add_device_options(p, "auto: what training.py and sampling.py choose (timed at start-up, the probe's cost is "
+                       "printed); bf16 or fp32: forced; both: bf16 and fp32 one after the other",
+                       precisions=("auto", "bf16", "fp32", "both"))
     p.add_argument("--batch-size", type=positive_int, default=d["batch_size"], help="training batch")
     p.add_argument("--train-steps", type=positive_int, default=10, help="timed training steps")
     p.add_argument("--num-samples", type=positive_int, default=100, help="images sampled at once (default 100)")
     p.add_argument("--ddpm-steps", type=positive_int, default=50, help="DDPM steps timed, then scaled to T")
     p.add_argument("--channels", type=positive_int, default=d["base_channels"], help="U-Net width")
-    p.add_argument("--channel-mults", type=int_list, default=None, help="default: as training.py picks for the image size")
-    p.add_argument("--num-res-blocks", type=positive_int, default=d["num_res_blocks"], help="residual blocks per level")
+    p.add_argument("--channel-mults", type=int_list, default=None,
+                   help="default: as training.py picks for the image size")
+    p.add_argument("--num-res-blocks", type=positive_int, default=d["num_res_blocks"],
+                   help="residual blocks per level")
     p.add_argument("--in-channels", type=positive_int, default=1, help="image channels (1 grayscale, 3 colour)")
     p.add_argument("--image-size", type=positive_int, default=28, help="image side in pixels")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training and sampling")
@@ -136,13 +142,14 @@ def measure(model, scheduler, device, precision_option, args):
     train_ips = train_throughput(model, scheduler, device, train_precision, args.batch_size, args.train_steps,
                                  args.compile)
     start = time.perf_counter()
-    precision, layout, note = choose_speed(model, device, precision_option, training=False, batch_size=args.num_samples,
-                                           use_cache=False)
+    precision, layout, note = choose_speed(model, device, precision_option, training=False,
+                                           batch_size=args.num_samples, use_cache=False)
     probe += time.perf_counter() - start
     net = model.to(memory_format=layout).eval()
     if args.compile:
         net = compile_for_sampling(model, device)
-    return {"train_precision": train_precision, "train_layout": LAYOUT_NAMES[train_layout], "train_choice": train_note,
+    return {"train_precision": train_precision, "train_layout": LAYOUT_NAMES[train_layout],
+            "train_choice": train_note,
             "train_images_per_s": train_ips, "sample_precision": precision, "sample_layout": LAYOUT_NAMES[layout],
             "sample_choice": note, "probe_seconds": probe,
             "ddpm_1000_steps_seconds": ddpm_seconds(net, scheduler, device, precision, args.num_samples,
@@ -197,7 +204,8 @@ def main(argv=None):
         return result
     print(f"device {result['device']} ({result['device_name']}), torch {result['torch']}")
     print(f"model: {args.channels} channels x {args.channel_mults}, {args.num_res_blocks} res blocks/level, "
-          f"{result['model']['parameters'] / 1e6:.2f} M parameters, image {args.in_channels}x{args.image_size}x{args.image_size}")
+          f"{result['model']['parameters'] / 1e6:.2f} M parameters, "
+          f"image {args.in_channels}x{args.image_size}x{args.image_size}")
     print(f"  forward FLOPs per image: {flops / 1e9:.3f} GFLOP; matmul peak measured now: "
           f"bf16 {peak_bf16 / 1e12:.3f}, fp32 {peak_fp32 / 1e12:.3f} TFLOP/s")
     for option, r in runs.items():
@@ -208,7 +216,8 @@ def main(argv=None):
             ("speed probe (both tasks)", f"{r['probe_seconds']:.2f} s"),
             (f"training, batch {args.batch_size}", f"{r['train_images_per_s']:.0f} images/s = "
                                                    f"{r['train_tflops_per_s']:.3f} TFLOP/s (3 x forward) = "
-                                                   f"{100 * r['train_fraction_of_best_peak']:.0f}% of the best matmul peak"),
+                                                   f"{100 * r['train_fraction_of_best_peak']:.0f}% of the best "
+                                                   f"matmul peak"),
             (f"{args.num_samples} samples x {T} DDPM steps", f"{r['ddpm_1000_steps_seconds']:.1f} s "
                                                              f"(timed over {args.ddpm_steps} steps, scaled to {T})"),
             (f"{args.num_samples} samples x 50 DDIM steps", f"{r['ddim_50_steps_seconds']:.1f} s"),

@@ -8,17 +8,19 @@ or to sample from it:
     optimizer     the AdamW state
     epoch         the epoch in progress (0-based); batch_in_epoch batches of it are done
     step          optimizer steps taken so far
-    rng           random number generator states
+    rng           random number generator states, one entry per process (rng_state, set_rng_state)
     loss_sum, loss_count   the running loss of the epoch in progress
     window_sum, window_count   the running loss of loss_steps.csv's row in progress
+(epoch to window_count: training.RunState, saved and restored under these names.)
 Loading uses torch.load(weights_only=True), so a file can never run code when it is read.
 """
 import os
 import pickle
-import tempfile
 import warnings
 
 import torch
+
+from cli import atomic_write, first_line
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint-v1"
 REQUIRED_KEYS = ("format", "config", "model", "ema", "optimizer", "epoch", "batch_in_epoch", "step")
@@ -29,31 +31,15 @@ class CheckpointError(Exception):
 
 
 def save_checkpoint(state, path):
-    """Write `state` to `path` atomically: a temporary file in the same folder, flushed and fsynced,
-    then renamed over the old checkpoint.  On any failure the old file is untouched and the
+    """Write `state` to `path` atomically (cli.atomic_write: a temporary file in the same folder, flushed and
+    fsynced, then renamed over the old checkpoint).  On any failure the old file is untouched and the
     temporary file is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)          # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
     except (OSError, RuntimeError, pickle.PicklingError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        reason = getattr(e, "strerror", None) or first_line(e)
         raise CheckpointError(f"could not write the checkpoint {path} ({reason}); "
                               f"the previous checkpoint, if any, is unchanged") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -69,13 +55,14 @@ def load_checkpoint(path, map_location="cpu"):
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain values, so it was not "
-                              f"loaded (it is not a checkpoint of this repository, and loading it could run code)") from None
+        raise CheckpointError(f"{path} holds objects other than tensors and plain values, so it was not loaded "
+                              f"(it is not a checkpoint of this repository, and loading it could run code)") from None
     except Exception as e:    # a damaged or foreign file fails in many ways (RuntimeError, EOFError, IndexError, ...)
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint; it may be truncated or "
                               f"another kind of file ({type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint written by this repository's training.py")
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint written by this repository's "
+                              f"training.py")
     missing = [k for k in REQUIRED_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"the checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
@@ -88,3 +75,20 @@ def load_checkpoint(path, map_location="cpu"):
 def all_finite(state_dict):
     """True when every floating-point tensor in a state dict is finite."""
     return all(torch.isfinite(v).all() for v in state_dict.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def rng_state(generator):
+    """This process's random states, for the checkpoint: torch's global one (weights, dropout), `generator`'s
+    (t, eps, flips) and, on a GPU, CUDA's."""
+    state = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, generator):
+    """Back to the random states rng_state() returned, so that a resumed run draws what the stopped one would have."""
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -17,13 +17,15 @@ import gzip
 import math
 import os
 import shutil
-import sys
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+from cli import atomic_write, fail, first_line
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")
 # Where Debian's package dataset-fashion-mnist puts the Fashion-MNIST files (apt-get install dataset-fashion-mnist).
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
@@ -79,9 +81,8 @@ def _unpack_gz_files(raw, sources):
             gz = os.path.join(folder, base + ".gz")
             if os.path.isfile(gz):
                 os.makedirs(raw, exist_ok=True)
-                with gzip.open(gz, "rb") as src, open(target + ".part", "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                os.replace(target + ".part", target)
+                with gzip.open(gz, "rb") as src:
+                    atomic_write(target, lambda dst: shutil.copyfileobj(src, dst), binary=True)
                 break
 
 
@@ -112,8 +113,8 @@ def load_dataset(name, data_dir="data", train=True, download=True, image_size=No
                 raise FileNotFoundError("downloads are off")
             _torchvision_class(name)(data_dir, train=train, download=True)
         except Exception as e:   # torchvision raises RuntimeError, URLError, OSError, ... depending on what failed
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"{name} is not in {raw} and could not be downloaded ({reason}); {help_text}") from None
+            raise DataError(f"{name} is not in {raw} and could not be downloaded ({first_line(e)}); "
+                            f"{help_text}") from None
     split = "train" if train else "t10k"
     try:
         images = read_idx(os.path.join(raw, f"{split}-images-idx3-ubyte"))
@@ -133,10 +134,11 @@ def load_cifar10(data_dir, train, download):
     try:
         ds = _torchvision_class("cifar10")(data_dir, train=train, download=download and not os.path.isdir(folder))
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = first_line(e)
         if os.path.isdir(folder):
             raise DataError(f"the CIFAR-10 files in {folder} cannot be read ({reason}); {help_text}") from None
-        raise DataError(f"CIFAR-10 is not in {data_dir} and could not be downloaded ({reason}); {help_text}") from None
+        raise DataError(f"CIFAR-10 is not in {data_dir} and could not be downloaded ({reason}); "
+                        f"{help_text}") from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()       # (N, H, W, 3) -> (N, 3, H, W)
     return images, torch.as_tensor(ds.targets, dtype=torch.long)
 
@@ -236,7 +238,8 @@ def load_folder(root, image_size, stream=None, workers=None):
     of their sub-folders (None when the images are not in sub-folders).  The images are one uint8 tensor,
     or, with stream=True or when they would take more than IN_MEMORY_BYTES, a FolderImages."""
     if not os.path.isdir(root):
-        raise DataError(f"the image folder {root} does not exist; pass the folder that holds your images as --data-dir")
+        raise DataError(f"the image folder {root} does not exist; pass the folder that holds your images as "
+                        f"--data-dir")
     found = find_images(root)
     if not found:
         raise DataError(f"the image folder {root} holds no PNG or JPEG images")
@@ -266,6 +269,27 @@ def class_names(name, data_dir=None):
     return CLASS_NAMES[name]
 
 
+# ---- the batches of a training epoch -------------------------------------------------------------------------
+def shard(order, batch, batch_size, rank, world):
+    """This process's part of batch number `batch` of an epoch: the global batch of `batch_size`
+    images, order[batch * batch_size : (batch + 1) * batch_size], split into `world` disjoint parts."""
+    local = batch_size // world
+    first = batch * batch_size + rank * local
+    return order[first:first + local]
+
+
+def epoch_batches(images, labels, order, first_batch, batches_per_epoch, batch_size, rank, world, device):
+    """(uint8 images, labels) of batches first_batch.. of an epoch, this process's shard of each: indexed
+    from the dataset held in memory, or decoded from disk by DataLoader workers for a streamed folder."""
+    shards = [shard(order, b, batch_size, rank, world) for b in range(first_batch, batches_per_epoch)]
+    if isinstance(images, torch.Tensor):
+        batches = (images[idx.to(images.device)] for idx in shards)
+    else:
+        batches = images.batches(shards, pin_memory=device.type == "cuda")
+    for idx, x in zip(shards, batches):
+        yield x.to(device, non_blocking=True), None if labels is None else labels[idx.to(labels.device)].to(device)
+
+
 def random_hflip(x, generator):
     """Flip each image (B, C, H, W) left-right with probability 1/2."""
     flip = torch.rand(x.shape[0], generator=generator, device=generator.device).to(x.device) < 0.5
@@ -292,6 +316,6 @@ if __name__ == "__main__":
     try:
         imgs, labs = load_dataset(args.dataset, args.data_dir, image_size=args.image_size)
     except DataError as err:
-        sys.exit(f"error: {err}")
+        fail(err)
     print(f"{args.dataset}: {tuple(imgs.shape)} uint8 images, "
           + (f"{int(labs.max()) + 1} classes" if labs is not None else "no labels"))

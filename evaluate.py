@@ -22,7 +22,6 @@ training images as there are samples against the same statistics: about what a p
 import argparse
 import contextlib
 import dataclasses
-import types
 import functools
 import hashlib
 import json
@@ -30,6 +29,7 @@ import math
 import os
 import sys
 import time
+import types
 
 import numpy as np
 import torch
@@ -39,10 +39,19 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
+from cli import add_device_options, atomic_write, first_line, int_list, positive_int
 from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
-from sampling import (DEFAULT_GUIDANCE, SAMPLERS, build_from_checkpoint, check_sampling_options, fastest_setup, int_list,
-                      positive_int, sample, sampler_label)
-from unet import autocast, describe_device, resolve_precision
+from hardware import autocast, describe_device, resolve_precision
+from run_folder import DEFAULT_CKPT
+from sampling import (
+    DEFAULT_GUIDANCE,
+    SAMPLERS,
+    build_from_checkpoint,
+    check_sampling_options,
+    fastest_setup,
+    sample,
+    sampler_label,
+)
 
 CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are then retrained
 FEATURE_DIM = 128
@@ -143,9 +152,9 @@ def load_inception(device):
         with contextlib.redirect_stdout(sys.stderr):        # torch.hub prints "Downloading ..." on stdout
             net = inception_v3(weights=weights, transform_input=False)
     except Exception as e:   # no internet: URLError; a broken file: RuntimeError; ...
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvalError(f"the Inception-v3 weights ({os.path.basename(weights.url)}) are not in "
-                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} and could not be downloaded ({reason})") from None
+                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} and could not be downloaded "
+                        f"({first_line(e)})") from None
     net.fc = nn.Identity()                                             # keep the 2048-d pool features
     return Features(InceptionFeatures(net).to(device).eval(), "Inception-v3, ImageNet weights from torchvision, 2048-d",
                     "inception", "torchvision inception_v3 IMAGENET1K_V1", batch_size=50)
@@ -235,17 +244,13 @@ def read_cache(path, key):
 
 
 def write_cache(path, state, log):
-    """Save atomically (a temporary file, then a rename); a cache that cannot be written is only a note."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Save atomically (cli.atomic_write); a cache that cannot be written is only a note."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(state, f), binary=True)
     except (OSError, RuntimeError) as e:
-        reason = getattr(e, "strerror", None) or str(e).splitlines()[0]
+        reason = getattr(e, "strerror", None) or first_line(e)
         log(f"note: could not write the cache {path} ({reason}); it will be rebuilt next time")
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def get_classifier(dataset, train, test, cache_dir, epochs, device, log):
@@ -491,7 +496,7 @@ def sweep(args, parser, log):
         results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps, "fid": scored["fid"],
                                   "seconds_per_100": 100 * seconds / args.num_samples,
                                   "confidence": scored["confidence"]})
-        write_json_atomically(results, json_path)
+        atomic_write(json_path, lambda f: json.dump(results, f, indent=1))
     png_path = os.path.splitext(json_path)[0] + ".png"
     visualize.plot_sweep(results, png_path)
     lines = [f"| sampler | steps | FID (N = {args.num_samples}) | seconds for 100 samples |", "| --- | --- | --- | --- |"]
@@ -500,14 +505,6 @@ def sweep(args, parser, log):
     lines += [f"| real images (floor) | | {results['floor_fid']:.1f} | |",
               f"features: {results['features']}; {results['machine']}; wrote {json_path} and {png_path}"]
     return "\n".join(lines)
-
-
-def write_json_atomically(obj, path):
-    """Write JSON through a temporary file and a rename, so an interrupted write never leaves half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def format_table(results):
@@ -551,9 +548,7 @@ def build_parser():
                    help="images to generate (default 1000); with --samples, score only the first N PNGs")
     p.add_argument("--batch-size", type=positive_int, default=100, help="images denoised at once (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
+    add_device_options(p, "sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, default), "
                    "ddim, dpm++ or dpm++sde (--steps steps)")
     p.add_argument("--steps", type=positive_int, default=None, help="steps of ddim (default 50), dpm++ and dpm++sde (default 20)")
@@ -582,7 +577,7 @@ def parse_args(argv=None):
     if args.samples is not None and args.dataset is None:
         p.error("--samples needs --dataset, the data whose test split the images are compared with")
     if args.samples is None:
-        args.ckpt = args.ckpt or os.path.join("default", "ddpm_ckpt.pth")
+        args.ckpt = args.ckpt or DEFAULT_CKPT
         args.num_samples = args.num_samples or 1000
     if args.num_samples is not None and args.num_samples < 2:
         p.error("--num-samples must be at least 2: FID needs a covariance")

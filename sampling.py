@@ -18,9 +18,12 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
+from cli import add_device_options, first_line, int_list, positive_int
 from dataset import to_uint8
+from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
 from noise_scheduler import make_scheduler
-from unet import LAYOUT_NAMES, UNet, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
+from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
+from unet import UNet
 
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
               "attention_resolutions", "dropout", "num_heads", "num_classes")
@@ -39,8 +42,7 @@ def build_from_checkpoint(ckpt, device):
         model.load_state_dict(ckpt["ema"])
         scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"its weights do not fit the model its configuration describes ({detail})") from None
+        raise CheckpointError(f"its weights do not fit the model its configuration describes ({first_line(e)})") from None
     model.to(device, memory_format=memory_format(device)).eval()
     return model, scheduler, config
 
@@ -144,36 +146,14 @@ def save_gif(frames, path, seconds=4.0):
     frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 10, duration=duration, loop=0)
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
-    return values
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a trained DDPM checkpoint.")
-    p.add_argument("--ckpt", default=os.path.join("default", "ddpm_ckpt.pth"), help="checkpoint written by training.py")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint written by training.py")
     p.add_argument("--num-samples", type=positive_int, default=100, help="how many images (default 100)")
     p.add_argument("--batch-size", type=positive_int, default=100, help="images denoised at once (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="network precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
-    p.add_argument("--out-dir", default=os.path.join("default", "samples"), help="where the PNGs go")
+    add_device_options(p, "network precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
+    p.add_argument("--out-dir", default=os.path.join(DEFAULT_OUT_DIR, "samples"), help="where the PNGs go")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: all T ancestral steps (default); "
                    "ddim, dpm++ (DPM-Solver++(2M)) or dpm++sde (its stochastic form): --steps network evaluations")
     p.add_argument("--steps", type=int_list, default=None, help="steps of ddim / dpm++ / dpm++sde, or a list like "
@@ -200,7 +180,7 @@ def parse_args(argv=None):
 
 
 def fastest_setup(model, args):
-    """--precision auto: time the sampling model in each precision and layout (unet.choose_speed), keep the
+    """--precision auto: time the sampling model in each precision and layout (hardware.choose_speed), keep the
     fastest layout on the model, print the choice; returns the precision."""
     precision, layout, note = choose_speed(model, args.device, args.precision, training=False,
                                            batch_size=min(args.batch_size, args.num_samples or args.batch_size))

@@ -17,12 +17,9 @@ A run holds a lock on <out-dir>/.lock for its whole life: a second run on the sa
 import argparse
 import copy
 import math
-import csv
-import fcntl
 import os
 import signal
 import sys
-import tempfile
 import time
 
 import torch
@@ -30,11 +27,40 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, load_checkpoint, save_checkpoint
-from dataset import DATASETS, NATURAL_IMAGES, DataError, load_dataset, random_hflip, to_model_range
+from checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    all_finite,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from cli import (
+    add_device_options,
+    fail,
+    fraction,
+    int_list,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+from dataset import DATASETS, NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
+from hardware import LAYOUT_NAMES, LAYOUT_NAMES_INV, autocast, choose_speed, memory_format, setup_distributed
 from noise_scheduler import SCHEDULES, make_scheduler
-from sampling import DEFAULT_GUIDANCE, int_list, model_config, positive_int, sample, save_grid
-from unet import LAYOUT_NAMES, LAYOUT_NAMES_INV, UNet, autocast, choose_speed, memory_format, pick_device
+from run_folder import (
+    CKPT_NAME,
+    DEFAULT_OUT_DIR,
+    LOSS_LOG_NAME,
+    STEP_LOG_NAME,
+    append_csv,
+    check_writable,
+    drop_step_log_rows_after,
+    lock_run_folder,
+)
+from sampling import DEFAULT_GUIDANCE, model_config, sample, save_grid
+from unet import UNet
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
 DEFAULTS = dict(
@@ -51,52 +77,11 @@ RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed",
             "lr_schedule", "loss", "min_snr_gamma")
 LR_SCHEDULES = ("linear", "constant")
 LOSSES = ("plain", "min-snr")
-CKPT_NAME = "ddpm_ckpt.pth"
-STEP_LOG_NAME = "loss_steps.csv"
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
-LOCK_NAME = ".lock"          # OUT_DIR/.lock: flock-ed by the run that owns the folder, with its PID inside
 # One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on
 # the 2-core CPU of the README: every 5 minutes that is 0.03% of the run, and a SIGKILL loses at most 5 minutes.
 SAVE_EVERY_MINUTES = 5.0
-
-
-def append_csv(path, header, row):
-    """Append a row to a CSV file, writing the header first if the file is new."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(header)
-        writer.writerow(row)
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def fraction(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def build_parser():
@@ -128,16 +113,15 @@ def build_parser():
     a("--label-dropout", type=fraction, help=f"probability of training with the 'no label' token (default {d['label_dropout']})")
     a("--preview-samples", type=non_negative_int, help="images in each epoch's sample grid, 0 for none (default 100)")
     a("--preview-steps", type=positive_int, help="SDE-DPM-Solver++ steps for the epoch grids (default 20)")
-    a("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="auto: the faster of bf16 and fp32 (and of "
-      "the NCHW and NHWC layouts), timed on this device at start-up; a resumed run keeps the precision it started with")
+    add_device_options(p, "auto: the faster of bf16 and fp32 (and of the NCHW and NHWC layouts), timed on this "
+                       "device at start-up; a resumed run keeps the precision it started with")
     a("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     a("--data-dir", default="data", help="dataset folder (default data)")
     a("--stream", action="store_true", help="--dataset folder: decode the images from disk batch by batch instead of "
       "holding them in memory (the default for folders above 1 GiB of decoded pixels)")
     a("--workers", type=non_negative_int, help="DataLoader processes that decode a folder dataset "
       "(default: the CPU count, at most 8; none for folders under 2,000 images)")
-    a("--out-dir", default="default", help="checkpoint, samples and loss log folder (default default)")
+    a("--out-dir", default=DEFAULT_OUT_DIR, help="checkpoint, samples and loss log folder (default default)")
     a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
     a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
     a("--max-minutes", type=positive_float, help="train for this many minutes, however many epochs that is (with "
@@ -147,13 +131,6 @@ def build_parser():
       f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "
       f"at the end of each epoch (default {SAVE_EVERY_MINUTES:g})")
     return p
-
-
-def fail(message, code=1):
-    """One clear sentence on stderr and a non-zero exit, from rank 0 only."""
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def resolve_config(args, parser, ckpt):
@@ -170,19 +147,6 @@ def resolve_config(args, parser, ckpt):
                      + "; ".join(differ))
     config.update({k: v for k, v in given.items() if k not in RUN_KEYS})    # epochs, previews
     return config
-
-
-def setup_distributed(device_name):
-    """(rank, world_size, device).  torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, pick_device(device_name)
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_name)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 class StopRequest:
@@ -207,100 +171,6 @@ class StopRequest:
             signal.signal(s, signal.SIG_IGN)
 
 
-def check_writable(folder):
-    """Fail before training, not after the first epoch, if the output folder cannot be written."""
-    try:
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        fail(f"the output folder {folder} cannot be written ({e.strerror})")
-
-
-_folder_lock = None       # the open OUT_DIR/.lock of this process's run, kept open until the process ends
-
-
-def lock_run_folder(folder):
-    """One run per output folder: take an exclusive advisory lock (flock) on folder/.lock and write this
-    process's PID into it, for the rest of the process's life.  The kernel drops the lock when the process
-    ends, however it ends, so a killed run never leaves a stale lock.  If another live run holds it, exit 1
-    with one sentence naming the folder and that run's PID."""
-    global _folder_lock
-    _close_lock_file()                    # main() called again in the same process (tests)
-    path = os.path.join(folder, LOCK_NAME)
-    try:
-        f = open(path, "a+")              # a+: create it, but never erase the PID of a run that holds it
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = ""
-            for _ in range(10):           # the holder writes its PID right after locking
-                f.seek(0)
-                holder = f.read().strip()
-                if holder:
-                    break
-                time.sleep(0.05)
-            f.close()
-            fail(f"the output folder {folder} is in use by another training run (PID {holder or 'unknown'}); "
-                 f"wait for it to end or stop it, or pass another --out-dir")
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-    except OSError as e:
-        fail(f"cannot lock the output folder {folder} ({path}: {e.strerror})")
-    _folder_lock = f
-
-
-def _close_lock_file():
-    """Close this process's descriptor of the lock file.  Run in every forked child (DataLoader workers),
-    where it does not unlock: flock's lock lives until the last descriptor of the file closes, so the run's
-    own process then holds the only one, and the lock ends with it, not with the last of its children."""
-    global _folder_lock
-    if _folder_lock is not None:
-        _folder_lock.close()
-        _folder_lock = None
-
-
-os.register_at_fork(after_in_child=_close_lock_file)
-
-
-def drop_step_log_rows_after(path, step):
-    """On --resume from `step`: remove the rows of loss_steps.csv that the stopped run wrote after its last
-    checkpoint (a SIGKILL between a row and the next save), since the resumed run writes them again.
-    A row cut short by the kill goes too.  The file is replaced atomically, and only if a row goes."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-
-    def kept(row):
-        try:
-            return len(row) == 3 and int(row[0]) <= step
-        except ValueError:
-            return False
-    keep = rows[:1] + [row for row in rows[1:] if kept(row)]
-    if len(keep) < len(rows):
-        tmp = path + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
-        os.replace(tmp, path)
-
-
-def rng_state(generator):
-    state = {"torch": torch.get_rng_state(), "noise": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["noise"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def model_shape(in_channels, image_size, channel_mults=None):
     """The U-Net's shape for images of this size: resolution levels down to about 4-8 pixels, and
     self-attention only at the low resolutions (at most 8x8, or a quarter of the image side)."""
@@ -310,26 +180,6 @@ def model_shape(in_channels, image_size, channel_mults=None):
     attention = [r for r in resolutions if r <= max(8, image_size // 4)] or [resolutions[-1]]
     return dict(in_channels=in_channels, image_size=image_size, channel_mults=list(channel_mults),
                 attention_resolutions=attention, num_heads=4)
-
-
-def shard(order, batch, batch_size, rank, world):
-    """This process's part of batch number `batch` of an epoch: the global batch of `batch_size`
-    images, order[batch * batch_size : (batch + 1) * batch_size], split into `world` disjoint parts."""
-    local = batch_size // world
-    first = batch * batch_size + rank * local
-    return order[first:first + local]
-
-
-def epoch_batches(images, labels, order, first_batch, batches_per_epoch, batch_size, rank, world, device):
-    """(uint8 images, labels) of batches first_batch.. of an epoch, this process's shard of each: indexed
-    from the dataset held in memory, or decoded from disk by DataLoader workers for a streamed folder."""
-    shards = [shard(order, b, batch_size, rank, world) for b in range(first_batch, batches_per_epoch)]
-    if isinstance(images, torch.Tensor):
-        batches = (images[idx.to(images.device)] for idx in shards)
-    else:
-        batches = images.batches(shards, pin_memory=device.type == "cuda")
-    for idx, x in zip(shards, batches):
-        yield x.to(device, non_blocking=True), None if labels is None else labels[idx.to(labels.device)].to(device)
 
 
 def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision="fp32", label_dropout=0.0,
@@ -403,7 +253,7 @@ def preview(ema, scheduler, config, device, precision, path):
 
 def training_speed(model, device, precision_option, config, master, world):
     """(precision, memory layout, why) of the training steps.  --precision auto times the candidates on this model
-    (unet.choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and layout
+    (hardware.choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and layout
     it started with, so that it goes on bit for bit, unless a precision is forced."""
     if precision_option == "auto" and "precision" in config:
         return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
@@ -523,7 +373,7 @@ def main(argv=None):
     deadline = started + 60 * args.max_minutes if args.max_minutes else None
     save_every = 60 * args.save_every_minutes or None        # seconds between timed mid-epoch saves
     next_save = started + save_every if save_every else None
-    log_path = os.path.join(args.out_dir, "loss_log.csv")
+    log_path = os.path.join(args.out_dir, LOSS_LOG_NAME)
     if master:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"training on {n_images} {config['dataset']} images, {device.type} in {precision}, {config['memory_format']} "

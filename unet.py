@@ -6,15 +6,9 @@ A PixelCNN++-style U-Net: a sinusoidal embedding of t through an MLP, residual b
 GroupNorm into which the time embedding is added, skip connections from every block of the
 encoder to the decoder, and self-attention only at the low resolutions.  The constructor takes
 plain values (`UNet(**config)`), so the configuration stored in a checkpoint rebuilds the model.
-
-Also here: the device, precision and memory-format helpers shared by the scripts (`pick_device`, `autocast`,
-`memory_format`).
+Where and how it runs (device, precision, memory layout, the speed probe) is `hardware.py`'s business.
 """
-import contextlib
-import json
 import math
-import os
-import time
 
 import torch
 import torch.nn as nn
@@ -149,7 +143,8 @@ class UNet(nn.Module):
         ch, res = base_channels, image_size
         for level, mult in enumerate(channel_mults):
             for _ in range(num_res_blocks):
-                self.down.append(Block(ch, base_channels * mult, emb_dim, dropout, res in attention_resolutions, num_heads))
+                self.down.append(Block(ch, base_channels * mult, emb_dim, dropout, res in attention_resolutions,
+                                       num_heads))
                 ch = base_channels * mult
                 skip_channels.append(ch)
             if level < levels - 1:
@@ -176,7 +171,8 @@ class UNet(nn.Module):
     def forward(self, x, t, y=None):
         """x: (B, C, H, W) noisy images x_t; t: (B,) integer timesteps; y: (B,) labels or None."""
         assert x.shape[1:] == (self.in_channels, self.image_size, self.image_size), \
-            f"expected images of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), got {tuple(x.shape)}"
+            f"expected images of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), " \
+            f"got {tuple(x.shape)}"
         emb = self.time_embedding(t)                                           # (B, 4 * base)
         if self.label_embedding is not None:
             if y is None:
@@ -195,203 +191,6 @@ class UNet(nn.Module):
             else:
                 h = layer(h)
         return self.conv_out(norm_silu(self.norm_out, h))
-
-
-# ---- devices and precision ---------------------------------------------------------------------
-def pick_device(name="auto"):
-    """'auto' picks cuda, then mps, then cpu; anything else must be available or it raises ValueError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was asked for, but PyTorch sees no CUDA GPU on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name} was asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps was asked for, but MPS is not available on this machine")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def describe_device(device):
-    """'Intel(R) Xeon(R) Processor, 2 threads' on a CPU, the GPU's name on CUDA: the machine a figure was measured on."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = device.type
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    threads = torch.get_num_threads()
-    return f"{name}, {threads} thread{'s' if threads > 1 else ''}"
-
-
-def bf16_supported(device):
-    """Whether bfloat16 autocast is fast on this device (native bf16 matrix instructions)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False
-
-
-def resolve_precision(precision, device):
-    """The precision of a task that is not timed by `choose_speed`: a forced one as given; 'auto' -> bf16 where
-    the device has native bf16 matrix instructions, else fp32."""
-    if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}; use auto, bf16 or fp32")
-    return precision
-
-
-def autocast(device, precision):
-    """bf16 autocast for the network; the diffusion math around it stays in float32."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def memory_format(device):
-    """The layout of the activations when it is not measured (`choose_speed` measures it on a CPU): NHWC
-    ("channels_last") on a GPU, whose tensor cores read it natively, else NCHW.  Converting the weights is
-    enough: a convolution with NHWC weights returns NHWC activations, and the layers after it keep them."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-LAYOUT_NAMES = {torch.contiguous_format: "NCHW", torch.channels_last: "NHWC"}
-LAYOUT_NAMES_INV = {name: layout for layout, name in LAYOUT_NAMES.items()}
-
-
-def fastest(seconds):
-    """The candidate that took the least time, from {candidate: seconds}."""
-    return min(seconds, key=seconds.get)
-
-
-def time_candidates(run, candidates, repeats=1):
-    """{candidate: seconds of one run(candidate)}: the least of `repeats` timed calls after an untimed warm-up,
-    the candidates taking turns so that a slow moment of a busy machine hits all of them alike."""
-    best = {c: math.inf for c in candidates}
-    for attempt in range(repeats + 1):
-        for c in candidates:
-            start = time.perf_counter()
-            run(c)
-            if attempt:
-                best[c] = min(best[c], time.perf_counter() - start)
-    return best
-
-
-def probe_cache_path():
-    """Where verdicts of the speed probe are kept: $DDPM_CACHE_DIR, else ~/.cache/minimal-ddpm."""
-    folder = os.environ.get("DDPM_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "minimal-ddpm")
-    return os.path.join(folder, "speed_probe.json")
-
-
-def _read_probe_cache(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_probe_cache(path, cache):
-    """Best effort: a cache that cannot be written costs a probe next time, nothing more."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w") as f:
-            json.dump(cache, f, indent=1)
-        os.replace(path + ".tmp", path)
-    except OSError:
-        pass
-
-
-PROBE_BATCH = {True: 16, False: 32}      # images per timed pass, training and sampling: the probe stays near 1 s
-
-
-def choose_speed(model, device, precision="auto", training=False, batch_size=100, use_cache=True):
-    """(precision, memory format, note): the fastest way to run `model` for this task on this device.
-
-    A forced precision ('bf16', 'fp32') is used as given, with the default layout, and nothing is timed.
-    'auto' times the real model on the real device for the real task: a forward pass (sampling) or a forward
-    and backward pass (training) at up to PROBE_BATCH images, in fp32 and bf16 autocast (where the device has
-    native bf16) and in NCHW and NHWC on a CPU, and picks the fastest.  A CPU's bf16 flag does not tell: on one
-    Xeon with AVX-512 BF16 it sampled 2.2 times slower than fp32, on another with AMX it trained 1.7 times
-    faster.  A CUDA GPU with bf16 is not timed: bf16 tensor cores in NHWC are the fast path there, and the probe
-    would cost compilation and warm-up that few runs recover.  The verdict is kept in probe_cache_path(), per
-    machine, threads, torch version, task, batch and model shape, so later runs start at once and two runs on
-    one machine always agree; the random state of the caller is left as it was.
-    """
-    layout = memory_format(device)
-    if precision != "auto":
-        return resolve_precision(precision, device), layout, "forced"
-    if device.type == "cuda" and bf16_supported(device):
-        return "bf16", layout, "not timed: bf16 tensor cores"
-    precisions = ["fp32", "bf16"] if bf16_supported(device) else ["fp32"]
-    layouts = [torch.contiguous_format, torch.channels_last] if device.type == "cpu" else [layout]
-    candidates = [(p, f) for p in precisions for f in layouts]
-    if len(candidates) == 1:
-        return precisions[0], layout, "the only candidate here"
-    batch = min(batch_size, PROBE_BATCH[training])
-    key = json.dumps([describe_device(device), torch.__version__, "training" if training else "sampling", batch,
-                      type(model).__name__, [list(p.shape) for p in model.parameters()]])
-    path = probe_cache_path()
-    cache = _read_probe_cache(path) if use_cache else {}
-    if key in cache:
-        seconds = {(c[0], LAYOUT_NAMES_INV[c[1]]): t for c, t in cache[key]}
-        where = f"probe cached in {path}"
-    else:
-        start = time.perf_counter()
-        seconds = _probe(model, device, training, batch, candidates)
-        where = f"probe took {time.perf_counter() - start:.1f} s"
-        if use_cache:
-            cache[key] = [[(p, LAYOUT_NAMES[f]), t] for (p, f), t in seconds.items()]
-            _write_probe_cache(path, cache)
-    best = fastest(seconds)
-    others = ", ".join(f"{p} {LAYOUT_NAMES[f]} {seconds[best] / t:.2f}x" for (p, f), t in seconds.items() if (p, f) != best)
-    return best[0], best[1], f"measured: {others} as fast here; {where}"
-
-
-def _probe(model, device, training, batch, candidates):
-    """Seconds per pass of each (precision, layout) candidate; the model ends in its original layout, without gradients."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=g).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-        was_training = model.training
-        model.train(training)
-
-        def run(candidate):
-            precision, layout = candidate
-            model.to(memory_format=layout)
-            with torch.set_grad_enabled(training), autocast(device, precision):
-                out = model(x.contiguous(memory_format=layout), t)
-            if training:
-                out.float().square().mean().backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
-        try:
-            return time_candidates(run, candidates)
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was_training)
-            model.to(memory_format=torch.contiguous_format)
-
-
-def compile_for_sampling(model, device):
-    """torch.compile for the reverse process: on a GPU with CUDA graphs ("reduce-overhead"), so that the
-    T small sequential steps are not bound by kernel launches.  The module's attributes stay reachable."""
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def count_flops(model, batch_size=1):

@@ -11,14 +11,14 @@
 import argparse
 import csv
 import os
-import sys
 
 import torch
 
+from cli import fail, positive_int
 from dataset import DATASETS, DataError, load_dataset, to_model_range
 from noise_scheduler import SCHEDULES, make_scheduler
-from sampling import positive_int, save_grid
-from training import STEP_LOG_NAME
+from run_folder import DEFAULT_OUT_DIR, LOSS_LOG_NAME, STEP_LOG_NAME
+from sampling import save_grid
 
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 
@@ -135,14 +135,14 @@ def build_parser():
     p.add_argument("--data-dir", default="data", help="for forward")
     p.add_argument("--image-size", type=positive_int, default=32, help="for forward with --dataset folder")
     p.add_argument("--num-images", type=positive_int, default=6, help="for forward: rows")
-    p.add_argument("--log", default=os.path.join("default", "loss_log.csv"), help="for loss")
+    p.add_argument("--log", default=os.path.join(DEFAULT_OUT_DIR, LOSS_LOG_NAME), help="for loss")
     return p
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    out = args.out or os.path.join("default", f"{args.what}.png")
+    out = args.out or os.path.join(DEFAULT_OUT_DIR, f"{args.what}.png")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     if args.what == "schedule":
         plot_schedule(out, args.num_timesteps)
@@ -150,7 +150,7 @@ def main(argv=None):
         try:
             images, _ = load_dataset(args.dataset, args.data_dir, train=True, image_size=args.image_size)
         except DataError as e:
-            sys.exit(f"error: {e}")
+            fail(e)
         scheduler = make_scheduler(args.schedule, args.num_timesteps)
         timesteps = [t for t in FORWARD_TIMESTEPS if t < args.num_timesteps]
         rows = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.num_images]]
@@ -158,11 +158,11 @@ def main(argv=None):
         print(f"columns: t = {', '.join(map(str, timesteps))}")
     else:
         if not os.path.isfile(args.log) and not os.path.isfile(step_log_of(args.log)):
-            sys.exit(f"error: there is no loss log at {args.log} (nor loss_steps.csv beside it); train first, or pass --log")
+            fail(f"there is no loss log at {args.log} (nor {STEP_LOG_NAME} beside it); train first, or pass --log")
         try:
             plot_loss(args.log, out)
         except (ValueError, KeyError) as e:
-            sys.exit(f"error: {args.log} is not a loss log written by training.py ({e})")
+            fail(f"{args.log} is not a loss log written by training.py ({e})")
     print(f"wrote {out}")
 
 

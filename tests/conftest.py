@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# The speed probe's verdicts (unet.choose_speed) are kept here for the whole session, not in the user's ~/.cache:
+# The speed probe's verdicts (hardware.choose_speed) are kept here for the whole session, not in the user's ~/.cache:
 # every script the tests run on one machine then agrees on the precision, whatever the machine's load.
 os.environ.setdefault("DDPM_CACHE_DIR", tempfile.mkdtemp(prefix="ddpm-speed-probe-"))
 

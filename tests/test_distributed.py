@@ -32,7 +32,7 @@ def test_torchrun_trains_resumes_and_the_checkpoint_samples(data_dir, tmp_path):
 
 
 def test_each_process_sees_its_own_shard_of_every_batch():
-    from training import shard
+    from dataset import shard
     order = torch.randperm(1000, generator=torch.Generator().manual_seed(0))
     for batch in (0, 7):
         whole = shard(order, batch, 64, 0, 1)

@@ -194,9 +194,9 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_is_unharmed(data
 
 def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
     """A run's DataLoader workers are forked children; one that outlives a SIGKILLed run must not hold its folder."""
-    import training
-    script = ("import os, sys, time; sys.path.insert(0, %r); import training\n"
-              "training.lock_run_folder(%r)\n"
+    import run_folder
+    script = ("import os, sys, time; sys.path.insert(0, %r); import run_folder\n"
+              "run_folder.lock_run_folder(%r)\n"
               "child = os.fork()\n"
               "if child == 0:\n    time.sleep(120); os._exit(0)\n"
               "print(child, flush=True); time.sleep(120)\n" % (ROOT, str(tmp_path)))
@@ -205,18 +205,18 @@ def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
     try:
         child = int(run.stdout.readline())
         with pytest.raises(SystemExit) as refused:        # the run is alive: its folder is taken
-            training.lock_run_folder(str(tmp_path))
+            run_folder.lock_run_folder(str(tmp_path))
         assert refused.value.code == 1 and f"PID {run.pid}" in capsys.readouterr().err
         run.kill()
         run.wait()
         os.kill(child, 0)                                  # the child still lives ...
-        training.lock_run_folder(str(tmp_path))            # ... and the folder is free
+        run_folder.lock_run_folder(str(tmp_path))          # ... and the folder is free
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     finally:
         run.kill()
         if child:
             os.kill(child, signal.SIGKILL)
-        training._close_lock_file()                        # this test process lets go of the folder
+        run_folder._close_lock_file()                      # this test process lets go of the folder
 
 
 def test_sigkill_after_a_timed_save_leaves_no_lock_and_resume_is_bit_exact(data_dir, tmp_path):

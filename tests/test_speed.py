@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-import unet
+import hardware
 from conftest import run_script
-from unet import UNet, choose_speed, fastest, time_candidates
+from hardware import choose_speed, fastest, time_candidates
+from unet import UNet
 
 CPU = torch.device("cpu")
 
@@ -29,12 +30,12 @@ def test_candidates_take_turns_and_keep_their_best_time():
         calls.append(candidate)
         clock["now"] += next(durations)
 
-    original = unet.time.perf_counter
-    unet.time.perf_counter = lambda: clock["now"]
+    original = hardware.time.perf_counter
+    hardware.time.perf_counter = lambda: clock["now"]
     try:
         seconds = time_candidates(run, ["a", "b"], repeats=2)
     finally:
-        unet.time.perf_counter = original
+        hardware.time.perf_counter = original
     assert calls == ["a", "b"] * 3
     assert seconds == {"a": 3, "b": 1}, "the warm-up is not counted, and each keeps its fastest pass"
 
@@ -48,7 +49,7 @@ def probe_cache(tmp_path, monkeypatch):
 def fake_probe(timings, calls):
     def probe(model, device, training, batch, candidates):
         calls.append((training, batch))
-        return {c: timings[c[0], unet.LAYOUT_NAMES[c[1]]] for c in candidates}
+        return {c: timings[c[0], hardware.LAYOUT_NAMES[c[1]]] for c in candidates}
     return probe
 
 
@@ -57,23 +58,23 @@ def test_auto_picks_the_fastest_of_the_timed_candidates_and_caches_the_verdict(w
     timings = {(p, f): 1.0 for p in ("fp32", "bf16") for f in ("NCHW", "NHWC")}
     timings[winner] = 0.5
     calls = []
-    monkeypatch.setattr(unet, "bf16_supported", lambda device: True)
-    monkeypatch.setattr(unet, "_probe", fake_probe(timings, calls))
+    monkeypatch.setattr(hardware, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(hardware, "_probe", fake_probe(timings, calls))
     model = tiny_unet()
     precision, layout, note = choose_speed(model, CPU, "auto", training=True, batch_size=128)
-    assert (precision, unet.LAYOUT_NAMES[layout]) == winner and "0.50x" in note
-    assert calls == [(True, unet.PROBE_BATCH[True])]
+    assert (precision, hardware.LAYOUT_NAMES[layout]) == winner and "0.50x" in note
+    assert calls == [(True, hardware.PROBE_BATCH[True])]
     assert choose_speed(model, CPU, "auto", training=True, batch_size=128)[:2] == (precision, layout)
     assert len(calls) == 1 and str(probe_cache) in choose_speed(model, CPU, "auto", True, 128)[2], "read from the cache"
     choose_speed(model, CPU, "auto", training=False, batch_size=100)
-    assert calls[-1] == (False, unet.PROBE_BATCH[False]), "sampling is timed on its own"
+    assert calls[-1] == (False, hardware.PROBE_BATCH[False]), "sampling is timed on its own"
     assert len(json.loads(probe_cache.read_text())) == 2
 
 
 def test_a_cpu_without_bf16_only_times_the_layouts(probe_cache, monkeypatch):
     calls = []
-    monkeypatch.setattr(unet, "bf16_supported", lambda device: False)
-    monkeypatch.setattr(unet, "_probe", lambda model, device, training, batch, candidates: calls.append(candidates)
+    monkeypatch.setattr(hardware, "bf16_supported", lambda device: False)
+    monkeypatch.setattr(hardware, "_probe", lambda model, device, training, batch, candidates: calls.append(candidates)
                         or {c: 1.0 for c in candidates})
     assert choose_speed(tiny_unet(), CPU, "auto", training=False)[0] == "fp32"
     assert [p for p, _ in calls[0]] == ["fp32", "fp32"]
@@ -83,7 +84,7 @@ def test_a_cpu_without_bf16_only_times_the_layouts(probe_cache, monkeypatch):
 def test_a_forced_precision_skips_the_probe(forced, probe_cache, monkeypatch):
     def no_probe(*args):
         raise AssertionError("a forced precision must not be timed")
-    monkeypatch.setattr(unet, "_probe", no_probe)
+    monkeypatch.setattr(hardware, "_probe", no_probe)
     precision, layout, note = choose_speed(tiny_unet(), CPU, forced, training=True)
     assert (precision, layout, note) == (forced, torch.contiguous_format, "forced")
     assert not probe_cache.exists()
@@ -93,7 +94,7 @@ def test_the_real_probe_leaves_the_model_and_the_random_state_as_they_were(probe
     model = tiny_unet().train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rng = torch.get_rng_state()
-    seconds = unet._probe(model, CPU, True, 4, [("fp32", torch.contiguous_format), ("fp32", torch.channels_last)])
+    seconds = hardware._probe(model, CPU, True, 4, [("fp32", torch.contiguous_format), ("fp32", torch.channels_last)])
     assert set(seconds) == {("fp32", torch.contiguous_format), ("fp32", torch.channels_last)}
     assert all(0 < s < 60 for s in seconds.values())
     assert torch.equal(torch.get_rng_state(), rng), "the caller's random numbers must not depend on the probe"

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from unet import UNet, autocast, count_flops, memory_format, pick_device, resolve_precision
+from hardware import autocast, memory_format, pick_device, resolve_precision
+from unet import UNet, count_flops
 
 
 def randomize_output(model):

@@ -1,0 +1,102 @@
+"""What the scripts share on the command line and on disk: argument types, the --device and --precision
+options, the one-sentence error, and the atomic file write.
+
+    python -c "import cli; print(cli.positive_int('3'))"
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+
+# ---- argument types (argparse names each in its message: "invalid positive_float value") ------------------
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def int_list(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
+    return values
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return value
+
+
+def add_device_options(parser, precision_help, precisions=("auto", "bf16", "fp32")):
+    """--device and --precision (hardware.pick_device and hardware.choose_speed read them)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", default="auto", choices=list(precisions), help=precision_help)
+
+
+# ---- errors ------------------------------------------------------------------------------------------------
+def fail(message, code=1):
+    """One clear sentence on stderr, 'error: ...', and a non-zero exit; under torchrun from rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def first_line(exc):
+    """An exception's message as it goes into an error sentence: its first line, or its type's name if it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---- files -------------------------------------------------------------------------------------------------
+def atomic_write(path, write, binary=False):
+    """Write a file whole or not at all: write(f) fills a hidden temporary file beside `path` (ending in .tmp),
+    which is flushed to disk and renamed over `path`, and then the rename itself is made durable.  On any error
+    the file at `path` is as it was, the temporary file is removed, and the error is raised."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)              # make the rename itself durable
+    finally:
+        os.close(dir_fd)

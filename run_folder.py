@@ -1,0 +1,113 @@
+"""The output folder of a training run (training.py --out-dir, by default `default/`): what is in it, and the
+lock that makes it one run's.
+
+    OUT_DIR/ddpm_ckpt.pth              the checkpoint (checkpoint.py), which sampling.py and evaluate.py read
+    OUT_DIR/loss_log.csv               one row an epoch: epoch, step, mean loss, images/s, seconds
+    OUT_DIR/loss_steps.csv             the mean loss of every 50 steps: step, epoch, loss
+    OUT_DIR/samples/epoch_NNN.png      grids of samples drawn during training
+    OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside
+
+Importing this module has no side effects; visualize.py reads the names of the logs from here.
+"""
+import csv
+import fcntl
+import os
+import tempfile
+import time
+
+from cli import atomic_write, fail
+
+DEFAULT_OUT_DIR = "default"
+CKPT_NAME = "ddpm_ckpt.pth"
+DEFAULT_CKPT = os.path.join(DEFAULT_OUT_DIR, CKPT_NAME)
+LOSS_LOG_NAME = "loss_log.csv"
+STEP_LOG_NAME = "loss_steps.csv"
+LOCK_NAME = ".lock"
+
+
+def check_writable(folder):
+    """Fail before training, not after the first epoch, if the output folder cannot be written."""
+    try:
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(f"the output folder {folder} cannot be written ({e.strerror})")
+
+
+_folder_lock = None       # the open OUT_DIR/.lock of this process's run, kept open until the process ends
+_fork_hook = False        # whether _close_lock_file runs in forked children (registered with the first lock)
+
+
+def lock_run_folder(folder):
+    """One run per output folder: take an exclusive advisory lock (flock) on folder/.lock and write this
+    process's PID into it, for the rest of the process's life.  The kernel drops the lock when the process
+    ends, however it ends, so a killed run never leaves a stale lock.  If another live run holds it, exit 1
+    with one sentence naming the folder and that run's PID."""
+    global _folder_lock, _fork_hook
+    _close_lock_file()                    # main() called again in the same process (tests)
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_close_lock_file)
+        _fork_hook = True
+    path = os.path.join(folder, LOCK_NAME)
+    try:
+        f = open(path, "a+")              # a+: create it, but never erase the PID of a run that holds it
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = ""
+            for _ in range(10):           # the holder writes its PID right after locking
+                f.seek(0)
+                holder = f.read().strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            f.close()
+            fail(f"the output folder {folder} is in use by another training run (PID {holder or 'unknown'}); "
+                 f"wait for it to end or stop it, or pass another --out-dir")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+    except OSError as e:
+        fail(f"cannot lock the output folder {folder} ({path}: {e.strerror})")
+    _folder_lock = f
+
+
+def _close_lock_file():
+    """Close this process's descriptor of the lock file.  Run in every forked child (DataLoader workers),
+    where it does not unlock: flock's lock lives until the last descriptor of the file closes, so the run's
+    own process then holds the only one, and the lock ends with it, not with the last of its children."""
+    global _folder_lock
+    if _folder_lock is not None:
+        _folder_lock.close()
+        _folder_lock = None
+
+
+def append_csv(path, header, row):
+    """Append a row to a CSV file, writing the header first if the file is new."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow(row)
+
+
+def drop_step_log_rows_after(path, step):
+    """On --resume from `step`: remove the rows of loss_steps.csv that the stopped run wrote after its last
+    checkpoint (a SIGKILL between a row and the next save), since the resumed run writes them again.
+    A row cut short by the kill goes too.  The file is replaced atomically, and only if a row goes."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+
+    def kept(row):
+        try:
+            return len(row) == 3 and int(row[0]) <= step
+        except ValueError:
+            return False
+    keep = rows[:1] + [row for row in rows[1:] if kept(row)]
+    if len(keep) < len(rows):
+        atomic_write(path, lambda f: csv.writer(f).writerows(keep))
