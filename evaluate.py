@@ -1,9 +1,9 @@
 """Measure sample quality: FID against the real test split, and what a classifier makes of the samples.
 
-    python evaluate.py                                                  # 1000 samples from default/ddpm_ckpt.pth, all T steps
-    python evaluate.py --sampler ddim --steps 50 --num-samples 10000   # any of sampling.py's samplers and options
-    python evaluate.py --samples default/samples/individual --dataset mnist   # score a folder of PNGs instead
-    python evaluate.py --json                                           # one JSON object on stdout
+    python evaluate.py                                          # 1000 samples from default/ddpm_ckpt.pth, all T steps
+    python evaluate.py --sampler ddim --steps 50 --num-samples 10000           # any of sampling.py's samplers
+    python evaluate.py --samples default/samples/individual --dataset mnist    # score a folder of PNGs instead
+    python evaluate.py --json                                                  # one JSON object on stdout
 
 FID (Heusel et al., 2017) is the Frechet distance between Gaussians fitted to features of real and
 of generated images:  ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),  lower is better.
@@ -29,31 +29,30 @@ import math
 import os
 import sys
 import time
-import types
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
-from checkpoint import CheckpointError, all_finite, load_checkpoint
+from checkpoint import CheckpointError
 from cli import add_device_options, atomic_write, first_line, int_list, positive_int
-from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
+from dataset import DATASETS, DataError, load_dataset, to_model_range
 from hardware import autocast, describe_device, resolve_precision
 from run_folder import DEFAULT_CKPT
 from sampling import (
     DEFAULT_GUIDANCE,
     SAMPLERS,
-    build_from_checkpoint,
+    Pipeline,
     check_sampling_options,
-    fastest_setup,
-    sample,
+    choose_precision,
+    generate,
+    read_model,
     sampler_label,
 )
 
-CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are then retrained
+CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are retrained
 FEATURE_DIM = 128
 CLASSIFIER_BATCH, CLASSIFIER_LR = 128, 5e-3
 SEED = 0                    # classifier training and the real-vs-real slice
@@ -156,8 +155,8 @@ def load_inception(device):
                         f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} and could not be downloaded "
                         f"({first_line(e)})") from None
     net.fc = nn.Identity()                                             # keep the 2048-d pool features
-    return Features(InceptionFeatures(net).to(device).eval(), "Inception-v3, ImageNet weights from torchvision, 2048-d",
-                    "inception", "torchvision inception_v3 IMAGENET1K_V1", batch_size=50)
+    return Features(InceptionFeatures(net).to(device).eval(), "Inception-v3, ImageNet weights from torchvision, "
+                    "2048-d", "inception", "torchvision inception_v3 IMAGENET1K_V1", batch_size=50)
 
 
 def choose_features(channels, image_size, wanted, classifier, device, log):
@@ -268,8 +267,8 @@ def get_classifier(dataset, train, test, cache_dir, epochs, device, log):
         accuracy = state["test_accuracy"]
         log(f"classifier: reusing the cached {path} ({accuracy:.1%} test accuracy)")
     else:
-        log(f"classifier: training a small CNN on the {len(images)} {dataset} training images for {epochs} epoch(s), "
-            f"once, as {why_not} (a few minutes on a CPU)...")
+        log(f"classifier: training a small CNN on the {len(images)} {dataset} training images for {epochs} "
+            f"epoch(s), once, as {why_not} (a few minutes on a CPU)...")
         start = time.perf_counter()
         model = train_classifier(images, labels, device, epochs)
         _, probs = extract(model, test[0], device, batch_size=1000)
@@ -302,31 +301,20 @@ def get_test_stats(dataset, test_images, features, cache_dir, device, log):
 
 
 # ---- the images to score -------------------------------------------------------------------------
-def sampler_text(args, num_timesteps, conditional):
-    text = sampler_label(args.sampler, args.steps, num_timesteps, args.eta)
-    return text + (f", guidance {args.guidance_scale:g}" if conditional else "")
+def sampler_text(args, pipeline):
+    text = sampler_label(args.sampler, args.steps, pipeline.scheduler.num_timesteps, args.eta)
+    return text + (f", guidance {args.guidance_scale:g}" if pipeline.model.num_classes else "")
 
 
-def generate(model, scheduler, num_classes, args, log, precision):
-    """uint8 images (N, C, H, W) drawn from the model and the labels asked for (None if unconditional).
-    Seeded, batched and labelled (row k of each 10-column grid is class k) exactly as sampling.py does,
-    so `sampling.py --individual` with the same options writes the same images."""
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    images, requested = [], []
+def draw(pipeline, args, log, sampler, steps, eta):
+    """uint8 images (N, C, H, W) drawn by sampling.generate with the options given, the labels asked for (None if
+    unconditional), and the seconds it took: the images that `sampling.py --individual` writes with those options."""
     start = time.perf_counter()
-    with tqdm(total=args.num_samples, unit="img", desc="sampling", leave=False) as bar:
-        for first in range(0, args.num_samples, args.batch_size):
-            n = min(args.batch_size, args.num_samples - first)
-            labels = torch.arange(first, first + n) // 10 % num_classes if num_classes else None
-            x = sample(model, scheduler, n, device=args.device, precision=precision, generator=generator,
-                       sampler=args.sampler, steps=args.steps, eta=args.eta, labels=labels,
-                       guidance_scale=args.guidance_scale, progress=False)
-            images.append(to_uint8(x).cpu())
-            requested.append(labels)
-            bar.update(n)
+    images, requested = generate(pipeline, args.num_samples, seed=args.seed, batch_size=args.batch_size,
+                                 sampler=sampler, steps=steps, eta=eta, guidance_scale=args.guidance_scale)
     seconds = time.perf_counter() - start
-    log(f"sampled {args.num_samples} images in {seconds:.0f} s on {args.device.type} ({precision})")
-    return torch.cat(images), (torch.cat(requested) if num_classes else None), seconds
+    log(f"sampled {args.num_samples} images in {seconds:.0f} s on {pipeline.device.type} ({pipeline.precision})")
+    return images, requested, seconds
 
 
 def read_png_folder(folder, dataset, channels, image_size, limit=None):
@@ -397,59 +385,72 @@ def score(images, requested, features, classifier, test_stats, device):
     return {"fid": frechet_distance(*gaussian_stats(feats), *test_stats), **classifier_summary(probs, requested)}
 
 
-def load_model(args, parser):
-    """(model, scheduler, config, precision) from --ckpt, with the sampling options checked against it, the model
-    in the fastest layout and the precision the fastest for sampling (sampling.fastest_setup)."""
-    ckpt = load_checkpoint(args.ckpt)
-    if not all_finite(ckpt["ema"]):
-        raise EvalError(f"the weights in {args.ckpt} are not finite (NaN or inf), so they cannot produce images")
-    model, scheduler, config = build_from_checkpoint(ckpt, args.device)
-    if args.sampler != "ddpm" and args.steps > scheduler.num_timesteps:
-        parser.error(f"--steps {args.steps} is more than the {scheduler.num_timesteps} timesteps the model was trained with")
-    if args.dataset is not None and args.dataset != config["dataset"]:
-        parser.error(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on {config['dataset']}")
-    return model, scheduler, config, fastest_setup(model, args)
+def load_pipeline(args, parser):
+    """--ckpt as a sampling.Pipeline, with the sampling options checked against it before the speed probe
+    (sampling.choose_precision) sets its precision and layout."""
+    pipeline = read_model(args.ckpt, args.device)
+    T, trained_on = pipeline.scheduler.num_timesteps, pipeline.config["dataset"]
+    if args.sampler != "ddpm" and args.steps > T:
+        parser.error(f"--steps {args.steps} is more than the {T} timesteps the model was trained with")
+    if args.dataset is not None and args.dataset != trained_on:
+        parser.error(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on {trained_on}")
+    return choose_precision(pipeline, args.precision, batch_size=min(args.batch_size, args.num_samples))
+
+
+@dataclasses.dataclass
+class Reference:
+    """What every score needs: the model to sample (None for --samples) or the images to score, the data, the
+    classifier and its test accuracy, the FID features and the test split's statistics."""
+    pipeline: "Pipeline | None"
+    images: "torch.Tensor | None"
+    train: tuple
+    test: tuple
+    classifier: Features
+    accuracy: float
+    features: Features
+    test_stats: tuple
 
 
 def reference(args, parser, log):
     """Everything a score needs, before anything is sampled (nothing is sampled in vain): the model (None for
     --samples), the test data's classifier, features and statistics, and the images to score for --samples."""
-    model = scheduler = config = images = precision = None
+    pipeline = images = None
     if args.samples is None:
-        model, scheduler, config, precision = load_model(args, parser)
-        args.dataset = config["dataset"]
+        pipeline = load_pipeline(args, parser)
+        args.dataset = pipeline.config["dataset"]
     if args.dataset == "folder":
         raise EvalError("the folder dataset has no test split apart from its training images to compare with")
     train, test = (load_dataset(args.dataset, args.data_dir, train=split) for split in (True, False))
     check_splits(args.dataset, train, test)
     channels, image_size = test[0].shape[1], test[0].shape[2]
-    if model is None:          # read the PNGs first, so that a wrong folder fails before anything slow
+    if pipeline is None:          # read the PNGs first, so that a wrong folder fails before anything slow
         images = read_png_folder(args.samples, args.dataset, channels, image_size, args.num_samples)
-    elif (model.in_channels, model.image_size) != (channels, image_size):
-        raise EvalError(f"{args.ckpt} makes {model.in_channels}x{model.image_size}x{model.image_size} images, but the "
+    elif (pipeline.model.in_channels, pipeline.model.image_size) != (channels, image_size):
+        side = pipeline.model.image_size
+        raise EvalError(f"{args.ckpt} makes {pipeline.model.in_channels}x{side}x{side} images, but the "
                         f"{args.dataset} data in {args.data_dir} is {channels}x{image_size}x{image_size}")
     cache_dir = args.cache_dir or args.data_dir
-    classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device, log)
+    classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device,
+                                          log)
     features = choose_features(channels, image_size, args.features, classifier, args.device, log)
     test_stats = get_test_stats(args.dataset, test[0], features, cache_dir, args.device, log)
-    return types.SimpleNamespace(model=model, scheduler=scheduler, config=config, precision=precision, images=images,
-                                 train=train, test=test, classifier=classifier, accuracy=accuracy, features=features,
-                                 test_stats=test_stats)
+    return Reference(pipeline, images, train, test, classifier, accuracy, features, test_stats)
 
 
 def evaluate(args, parser, log):
     """The reference first, then the images to score, their FID and the real-vs-real floor.  Returns a dict."""
     ref = reference(args, parser, log)
-    if ref.model is None:
+    if ref.pipeline is None:
         images, requested, source = ref.images, None, args.samples
     else:
-        images, requested, _ = generate(ref.model, ref.scheduler, ref.config["num_classes"], args, log, ref.precision)
-        source = f"{args.ckpt} ({sampler_text(args, ref.scheduler.num_timesteps, bool(ref.config['num_classes']))})"
+        images, requested, _ = draw(ref.pipeline, args, log, args.sampler, args.steps, args.eta)
+        source = f"{args.ckpt} ({sampler_text(args, ref.pipeline)})"
     floor = real_slice(ref.train[0], len(images))
     scored = functools.partial(score, features=ref.features, classifier=ref.classifier, test_stats=ref.test_stats,
                                device=args.device)
-    return {"dataset": args.dataset, "source": source, "num_images": len(images), "num_test_images": len(ref.test[0]),
-            "features": ref.features.name, "classifier": ref.classifier.name, "classifier_test_accuracy": ref.accuracy,
+    return {"dataset": args.dataset, "source": source, "num_images": len(images),
+            "num_test_images": len(ref.test[0]), "features": ref.features.name, "classifier": ref.classifier.name,
+            "classifier_test_accuracy": ref.accuracy,
             "generated": scored(images, requested),
             "real_floor": {"num_images": len(floor), **scored(floor, None)}}
 
@@ -464,7 +465,7 @@ def sweep(args, parser, log):
     sweep goes on where it stopped.  Writes SWEEP.json, SWEEP.png (FID against seconds) and prints a table."""
     import visualize
     ref = reference(args, parser, log)
-    T = ref.scheduler.num_timesteps
+    T = ref.pipeline.scheduler.num_timesteps
     json_path = args.sweep_out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "sweep.json")
     stat = os.stat(args.ckpt)
     identity = {"ckpt": os.path.abspath(args.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime": stat.st_mtime,
@@ -482,24 +483,25 @@ def sweep(args, parser, log):
     floor = real_slice(ref.train[0], args.num_samples)
     results.update(floor_fid=score(floor, None, ref.features, ref.classifier, ref.test_stats, args.device)["fid"],
                    features=ref.features.name, machine=describe_device(args.device))
-    runs = [(sampler, eta, steps) for steps in args.sweep_steps for sampler, eta in SWEEP if sampler in args.sweep_samplers]
+    runs = [(sampler, eta, steps) for steps in args.sweep_steps for sampler, eta in SWEEP
+            if sampler in args.sweep_samplers]
     runs += [("ddpm", 0.0, T)] if "ddpm" in args.sweep_samplers else []
     for sampler, eta, steps in runs:
-        label = sampler_label(sampler, steps, T, eta).split("-step ", 1)[1] if sampler != "ddpm" else f"DDPM ({T} steps)"
+        name = sampler_label(sampler, steps, T, eta)
+        label = name.split("-step ", 1)[1] if sampler != "ddpm" else f"DDPM ({T} steps)"
         if any(p["label"] == label and p["steps"] == steps for p in results["points"]):
             continue
-        log(f"sweep: {sampler_label(sampler, steps, T, eta)}")
-        point_args = argparse.Namespace(**{**vars(args), "sampler": sampler, "steps": steps, "eta": eta})
-        images, requested, seconds = generate(ref.model, ref.scheduler, ref.config["num_classes"], point_args, log,
-                                              ref.precision)
+        log(f"sweep: {name}")
+        images, requested, seconds = draw(ref.pipeline, args, log, sampler, steps, eta)
         scored = score(images, requested, ref.features, ref.classifier, ref.test_stats, args.device)
-        results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps, "fid": scored["fid"],
-                                  "seconds_per_100": 100 * seconds / args.num_samples,
+        results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps,
+                                  "fid": scored["fid"], "seconds_per_100": 100 * seconds / args.num_samples,
                                   "confidence": scored["confidence"]})
         atomic_write(json_path, lambda f: json.dump(results, f, indent=1))
     png_path = os.path.splitext(json_path)[0] + ".png"
     visualize.plot_sweep(results, png_path)
-    lines = [f"| sampler | steps | FID (N = {args.num_samples}) | seconds for 100 samples |", "| --- | --- | --- | --- |"]
+    lines = [f"| sampler | steps | FID (N = {args.num_samples}) | seconds for 100 samples |",
+             "| --- | --- | --- | --- |"]
     lines += [f"| {p['label']} | {p['steps']} | {p['fid']:.1f} | {p['seconds_per_100']:.1f} |"
               for p in sorted(results["points"], key=lambda p: (p["label"], p["steps"]))]
     lines += [f"| real images (floor) | | {results['floor_fid']:.1f} | |",
@@ -538,7 +540,8 @@ def sampler_list(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Measure sample quality: FID against the test split, and a classifier's view.")
+    p = argparse.ArgumentParser(description="Measure sample quality: FID against the test split, and a "
+                                            "classifier's view.")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, help="checkpoint to sample from (default default/ddpm_ckpt.pth)")
     source.add_argument("--samples", metavar="DIR", help="score the PNGs in DIR instead (what sampling.py --individual "
@@ -551,23 +554,28 @@ def build_parser():
     add_device_options(p, "sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, default), "
                    "ddim, dpm++ or dpm++sde (--steps steps)")
-    p.add_argument("--steps", type=positive_int, default=None, help="steps of ddim (default 50), dpm++ and dpm++sde (default 20)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="steps of ddim (default 50), dpm++ and dpm++sde (default 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance for conditional models (default {DEFAULT_GUIDANCE})")
     p.add_argument("--features", default="auto", choices=["auto", "classifier", "inception"],
                    help="FID features; auto: the self-trained classifier for small grayscale images, else Inception-v3")
-    p.add_argument("--classifier-epochs", type=positive_int, default=2, help="training epochs of the classifier (default 2)")
+    p.add_argument("--classifier-epochs", type=positive_int, default=2,
+                   help="training epochs of the classifier (default 2)")
     p.add_argument("--data-dir", default="data", help="dataset folder (default data)")
-    p.add_argument("--cache-dir", default=None, help="where the classifier and test statistics are cached (default: --data-dir)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where the classifier and test statistics are cached (default: --data-dir)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress goes to stderr)")
     p.add_argument("--sweep", action="store_true", help="FID of DDIM (eta 0 and 1), DPM-Solver++ and its SDE form at "
                    "each of --sweep-steps, and of the 1000-step DDPM: a table, SWEEP.json and a picture SWEEP.png")
-    p.add_argument("--sweep-steps", type=int_list, default=[5, 10, 20, 50], help="step counts of --sweep (default 5,10,20,50)")
+    p.add_argument("--sweep-steps", type=int_list, default=[5, 10, 20, 50],
+                   help="step counts of --sweep (default 5,10,20,50)")
     p.add_argument("--sweep-samplers", type=sampler_list, default=list(SAMPLERS), help="the samplers of --sweep "
                    "(default all: ddpm,ddim,dpm++,dpm++sde); the 1000-step ddpm point is the slow one on a CPU")
     p.add_argument("--sweep-out", default=None, metavar="SWEEP.json",
-                   help="where --sweep writes its points (default: sweep.json beside the checkpoint; the picture beside it)")
+                   help="where --sweep writes its points (default: sweep.json beside the checkpoint; the picture "
+                   "beside it)")
     return p
 
 

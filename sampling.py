@@ -1,4 +1,5 @@
-"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), DDIM (Song et al., 2021) or DPM-Solver++ (Lu et al., 2022).
+"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), DDIM (Song et al., 2021) or DPM-Solver++
+(Lu et al., 2022).
 
     python sampling.py                                   # 100 samples, all 1000 steps -> default/samples/x0_0.png
     python sampling.py --sampler dpm++ --steps 20        # DPM-Solver++(2M): 20 network evaluations
@@ -6,9 +7,15 @@
     python sampling.py --sampler ddim --steps 5,10,20,50 # one grid per step count, same starting noise
     python sampling.py --save-every 100 --individual     # also x0_{t}.png every 100 steps, and one PNG per sample
 
-The model, its noise schedule, image size and channels are all rebuilt from the checkpoint.
+The model, its noise schedule, image size and channels are all rebuilt from the checkpoint.  From Python:
+
+    from sampling import generate, load_model, save_grid
+    pipeline = load_model("default/ddpm_ckpt.pth")                  # the EMA weights, on the fastest device
+    images, labels = generate(pipeline, 16, sampler="dpm++", steps=20)
+    save_grid(images, "grid.png", nrow=4)
 """
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -18,10 +25,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint
-from cli import add_device_options, first_line, int_list, positive_int
+from cli import add_device_options, fail, first_line, int_list, positive_int
 from dataset import to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
-from noise_scheduler import make_scheduler
+from noise_scheduler import NoiseScheduler, make_scheduler
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
 from unet import UNet
 
@@ -32,19 +39,6 @@ MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "nu
 def model_config(config):
     """The UNet's constructor arguments, taken from a run's configuration."""
     return {k: config[k] for k in MODEL_KEYS}
-
-
-def build_from_checkpoint(ckpt, device):
-    """(EMA model in eval mode, scheduler, config) from a loaded checkpoint; CheckpointError if they do not fit."""
-    config = ckpt["config"]
-    try:
-        model = UNet(**model_config(config))
-        model.load_state_dict(ckpt["ema"])
-        scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"its weights do not fit the model its configuration describes ({first_line(e)})") from None
-    model.to(device, memory_format=memory_format(device)).eval()
-    return model, scheduler, config
 
 
 DEFAULT_GUIDANCE = 2.0
@@ -59,6 +53,13 @@ def spacing(sampler, steps):
     than in log-SNR), evenly in log-SNR, as in the paper, from 26 on (at 50 steps far better than in t, whose
     last step, from t ~ 20 to 0, is too long for the extrapolation)."""
     return "logsnr" if sampler.startswith("dpm++") and steps >= LOGSNR_FROM else "uniform"
+
+
+def sampler_timesteps(scheduler, sampler, steps):
+    """The timesteps a sampler walks: all T for "ddpm", else `steps` of them, spaced as `spacing` says."""
+    if sampler == "ddpm":
+        return scheduler.timesteps(None, "uniform")
+    return scheduler.timesteps(steps, spacing(sampler, steps))
 
 
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)"}
@@ -97,7 +98,7 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
     x = noise.to(device, torch.float32)                                        # x_T ~ N(0, I)  (line 1)
-    timesteps = scheduler.timesteps(None, "uniform") if sampler == "ddpm" else scheduler.timesteps(steps, spacing(sampler, steps))
+    timesteps = sampler_timesteps(scheduler, sampler, steps)
     if labels is not None:
         labels = labels.to(device)
     x0, previous = x, None
@@ -119,6 +120,96 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     return x.clamp(-1, 1)                                                      # line 6: return x_0
 
 
+# ---- a trained model, ready to sample: the Python API -------------------------------------------------------
+@dataclasses.dataclass
+class Pipeline:
+    """A trained model ready to sample from: the network (with the EMA weights, in eval mode), its noise
+    schedule, the device and the precision it runs in, and the training run's configuration."""
+    model: torch.nn.Module
+    scheduler: NoiseScheduler
+    device: torch.device
+    precision: str = "fp32"
+    config: dict = dataclasses.field(default_factory=dict)
+
+
+def read_model(path, device):
+    """The EMA weights of a checkpoint as a Pipeline on `device`, in fp32 and the default layout; CheckpointError
+    with one sentence if the file cannot be read, its weights are not finite, or they do not fit the model its
+    configuration describes."""
+    ckpt = load_checkpoint(path)
+    if not all_finite(ckpt["ema"]):
+        raise CheckpointError(f"the weights in {path} are not finite (NaN or inf), so they cannot produce images")
+    config = ckpt["config"]
+    try:
+        model = UNet(**model_config(config))
+        model.load_state_dict(ckpt["ema"])
+        scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its weights do not fit the model its configuration describes "
+                              f"({first_line(e)})") from None
+    model.to(device, memory_format=memory_format(device)).eval()
+    return Pipeline(model, scheduler, device, "fp32", config)
+
+
+def choose_precision(pipeline, precision="auto", batch_size=100):
+    """Run the pipeline in the fastest way for sampling: --precision auto times the model in each precision and
+    layout (hardware.choose_speed); the layout goes on the model, the precision on the pipeline, and the
+    choice is printed on stderr.  Returns the pipeline."""
+    precision, layout, note = choose_speed(pipeline.model, pipeline.device, precision, training=False,
+                                           batch_size=batch_size)
+    pipeline.model.to(memory_format=layout)
+    pipeline.precision = precision
+    print(f"sampling on {pipeline.device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})", file=sys.stderr,
+          flush=True)
+    return pipeline
+
+
+def load_model(path, device="auto", precision="auto", batch_size=100):
+    """A checkpoint written by training.py, as a Pipeline ready for generate(): the EMA weights on `device`
+    ('auto': cuda, then mps, then cpu) in the fastest precision and layout for batches of `batch_size`.
+    Raises CheckpointError (one sentence on what is wrong with the file) or ValueError (an unknown device)."""
+    return choose_precision(read_model(path, pick_device(device)), precision, batch_size)
+
+
+@torch.no_grad()
+def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler="ddpm", steps=None, eta=0.0, label=None,
+             guidance_scale=DEFAULT_GUIDANCE, callback=None, progress=True):
+    """Draw num_samples images: uint8 (N, C, H, W) on the CPU, and the class asked of each, (N,) (None for an
+    unconditional model).  The one sampling driver of sampling.py, evaluate.py and training's sample grids.
+
+    The noise comes from one generator seeded with `seed`, drawn `batch_size` images at a time, so the same seed
+    gives the same images.  A conditional model draws class `label`, or else class k in row k of a 10-column
+    grid (image i is class i // 10, modulo the number of classes).  sampler, steps (default DEFAULT_STEPS), eta
+    and guidance_scale are sample()'s; callback(t, x_t, x0_pred) is called after every step of every batch.
+    """
+    model, device, num_classes = pipeline.model, pipeline.device, pipeline.model.num_classes
+    if sampler != "ddpm" and steps is None:
+        steps = DEFAULT_STEPS[sampler]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    walk = len(sampler_timesteps(pipeline.scheduler, sampler, steps))
+    images, requested = [], []
+    with tqdm(total=walk * math.ceil(num_samples / batch_size), desc=f"{sampler} sampling", unit="step",
+              leave=False, disable=not progress) as bar:
+        def after_step(t, x_t, x0):
+            bar.update()
+            if callback is not None:
+                callback(t, x_t, x0)
+
+        for first in range(0, num_samples, batch_size):
+            n = min(batch_size, num_samples - first)
+            labels = None
+            if num_classes:     # `label`, or else row k of a 10-column grid is class k
+                labels = (torch.full((n,), label) if label is not None
+                          else torch.arange(first, first + n) // 10 % num_classes)
+            x = sample(model, pipeline.scheduler, n, device=device, precision=pipeline.precision, generator=generator,
+                       sampler=sampler, steps=steps, eta=eta, labels=labels, guidance_scale=guidance_scale,
+                       callback=after_step, progress=False)
+            images.append(to_uint8(x).cpu())
+            requested.append(labels)
+    return torch.cat(images), (torch.cat(requested) if num_classes else None)
+
+
+# ---- pictures -----------------------------------------------------------------------------------------------
 def grid_frame(x, nrow=10, padding=2):
     """A PIL image of a batch of images (B, C, H, W), floats in [-1, 1] or uint8: `nrow` images per row,
     `padding` white pixels around each; grayscale for one channel, RGB for three."""
@@ -146,6 +237,27 @@ def save_gif(frames, path, seconds=4.0):
     frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 10, duration=duration, loop=0)
 
 
+class Recorder:
+    """generate()'s callback for --save-every and --gif: the predicted x_0 of every batch at the first step at or
+    past each multiple of K ({t: [uint8 batches]}), and the frames of the first batch's reverse process."""
+
+    def __init__(self, scheduler, sampler, steps, args):
+        self.walk, self.T = sampler_timesteps(scheduler, sampler, steps), scheduler.num_timesteps
+        self.save_every, self.gif, self.gif_of = args.save_every, args.gif, args.gif_of
+        self.gif_every = max(1, (self.T if sampler == "ddpm" else steps) // 50)
+        self.calls, self.snapshots, self.frames = 0, {}, []
+
+    def __call__(self, t, x_t, x0):
+        i = self.calls % len(self.walk)                     # the step's place in its batch's walk
+        before = self.walk[i - 1] if i else self.T          # the timestep of the step before
+        if self.save_every and (before - 1) // self.save_every != (t - 1) // self.save_every:
+            self.snapshots.setdefault(t, []).append(to_uint8(x0).cpu())
+        if self.gif and self.calls < len(self.walk) and (t % self.gif_every == 0 or t == 0):
+            self.frames.append(grid_frame(x_t if self.gif_of == "xt" else x0))
+        self.calls += 1
+
+
+# ---- the script ---------------------------------------------------------------------------------------------
 def build_parser():
     p = argparse.ArgumentParser(description="Sample images from a trained DDPM checkpoint.")
     p.add_argument("--ckpt", default=DEFAULT_CKPT, help="checkpoint written by training.py")
@@ -159,16 +271,19 @@ def build_parser():
     p.add_argument("--steps", type=int_list, default=None, help="steps of ddim / dpm++ / dpm++sde, or a list like "
                    "5,10,20,50 for one grid each (default 50 for ddim, 20 for dpm++ and dpm++sde)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
-    p.add_argument("--label", type=int, default=None, help="class to draw (conditional models); default: one row per class")
-    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance w: 0 unconditional, 1 conditional, >1 stronger (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--label", type=int, default=None,
+                   help="class to draw (conditional models); default: one row per class")
+    p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance w: "
+                   f"0 unconditional, 1 conditional, >1 stronger (default {DEFAULT_GUIDANCE})")
     p.add_argument("--save-every", type=positive_int, default=None, metavar="K",
                    help="also save the grid of the predicted x_0 every K timesteps as x0_{t}.png (few-step samplers: "
                    "at the first step past each multiple of K)")
     p.add_argument("--gif", action="store_true", help="also write reverse.gif, an animation of the reverse process")
     p.add_argument("--gif-of", choices=["xt", "x0"], default="xt", help="animate x_t (default) or the predicted x_0")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA graphs on a GPU; worth it there)")
-    p.add_argument("--individual", action="store_true", help="also save every sample as its own PNG in OUT_DIR/individual/")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (CUDA graphs on a GPU; worth it there)")
+    p.add_argument("--individual", action="store_true",
+                   help="also save every sample as its own PNG in OUT_DIR/individual/")
     return p
 
 
@@ -177,16 +292,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     check_sampling_options(args, p)
     return args, p
-
-
-def fastest_setup(model, args):
-    """--precision auto: time the sampling model in each precision and layout (hardware.choose_speed), keep the
-    fastest layout on the model, print the choice; returns the precision."""
-    precision, layout, note = choose_speed(model, args.device, args.precision, training=False,
-                                           batch_size=min(args.batch_size, args.num_samples or args.batch_size))
-    model.to(memory_format=layout)
-    print(f"sampling on {args.device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})", file=sys.stderr, flush=True)
-    return precision
 
 
 def check_sampling_options(args, parser):
@@ -206,88 +311,57 @@ def check_sampling_options(args, parser):
 def main(argv=None):
     args, parser = parse_args(argv)
     try:
-        ckpt = load_checkpoint(args.ckpt)
+        pipeline = read_model(args.ckpt, args.device)
     except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    if not all_finite(ckpt["ema"]):
-        sys.exit(f"error: the weights in {args.ckpt} are not finite (NaN or inf), so they cannot produce images")
-    try:
-        model, scheduler, config = build_from_checkpoint(ckpt, args.device)
-    except CheckpointError as e:
-        sys.exit(f"error: {args.ckpt}: {e}")
-    T = scheduler.num_timesteps
+        fail(e)
+    T, num_classes = pipeline.scheduler.num_timesteps, pipeline.model.num_classes
     if args.sampler != "ddpm" and max(args.steps) > T:
         parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
-    num_classes = model.num_classes
     if args.label is not None and not num_classes:
         parser.error(f"--label {args.label}: {args.ckpt} holds an unconditional model (train with --conditional)")
     if args.label is not None and not 0 <= args.label < num_classes:
         parser.error(f"--label {args.label} is outside the model's classes 0..{num_classes - 1}")
-    precision = fastest_setup(model, args)
+    choose_precision(pipeline, args.precision, batch_size=min(args.batch_size, args.num_samples))
     if args.compile:
-        model = compile_for_sampling(model, args.device)
+        pipeline.model = compile_for_sampling(pipeline.model, args.device)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
-        sys.exit(f"error: cannot create the output folder {args.out_dir} ({e.strerror})")
+        fail(f"cannot create the output folder {args.out_dir} ({e.strerror})")
 
     runs = [("ddpm", None)] if args.sampler == "ddpm" else [(args.sampler, s) for s in args.steps]
     for sampler, steps in runs:
+        recorder = Recorder(pipeline.scheduler, sampler, steps, args)
         start = time.perf_counter()
-        images, snapshots, frames = draw(model, scheduler, args, sampler, steps, precision)
+        images, _ = generate(pipeline, args.num_samples, seed=args.seed, batch_size=args.batch_size, sampler=sampler,
+                             steps=steps, eta=args.eta, label=args.label, guidance_scale=args.guidance_scale,
+                             callback=recorder)
         seconds = time.perf_counter() - start
         suffix = "" if len(runs) == 1 else f"_{sampler}_{steps}"
         final = os.path.join(args.out_dir, "x0_0.png" if len(runs) == 1 else f"{sampler}_{steps}.png")
         save_grid(images, final)
-        label = sampler_label(sampler, steps, T, args.eta)
-        print(f"{args.num_samples} samples, {label}, {seconds:.1f} s on {args.device.type} ({precision}): wrote {final}")
-        for t, grid in snapshots.items():
-            if t != 0 or len(runs) > 1:
-                save_grid(torch.cat(grid), os.path.join(args.out_dir, f"x0_{t}{suffix}.png"))
-        if snapshots:
-            print(f"wrote the predicted x_0 every {args.save_every} steps as x0_{{t}}{suffix}.png in {args.out_dir}")
-        if args.gif:
-            gif = os.path.join(args.out_dir, f"reverse{suffix}.gif")
-            save_gif(frames, gif)
-            print(f"wrote {gif} ({len(frames)} frames of {'x_t' if args.gif_of == 'xt' else 'the predicted x_0'})")
-        if args.individual:
-            folder = os.path.join(args.out_dir, f"individual{suffix}")
-            os.makedirs(folder, exist_ok=True)
-            for i, img in enumerate(images):
-                save_grid(img[None], os.path.join(folder, f"{i:05d}.png"), padding=0)
-            print(f"wrote {len(images)} PNGs to {folder}")
+        print(f"{args.num_samples} samples, {sampler_label(sampler, steps, T, args.eta)}, {seconds:.1f} s on "
+              f"{args.device.type} ({pipeline.precision}): wrote {final}")
+        write_extras(args, images, recorder, suffix, only_run=len(runs) == 1)
 
 
-def draw(model, scheduler, args, sampler, steps, precision):
-    """All --num-samples images of one sampler, in batches, from the seed's noise.
-
-    Returns (uint8 images, {t: predicted-x_0 grids every --save-every steps}, GIF frames of the first batch).
-    """
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)     # the same noise for every sampler
-    num_classes = model.num_classes
-    snapshots, frames, images = {}, [], []
-    T = scheduler.num_timesteps
-    gif_every = max(1, (T if sampler == "ddpm" else steps) // 50)
-    last = [T]                                        # the timestep of the step before
-
-    def observe(t, x_t, x0):
-        if t > last[0]:                               # a new batch starts from x_T
-            last[0] = T
-        if args.save_every and (last[0] - 1) // args.save_every != (t - 1) // args.save_every:
-            snapshots.setdefault(t, []).append(to_uint8(x0).cpu())    # the first step at or past a multiple of K
-        if args.gif and not images and (t % gif_every == 0 or t == 0):
-            frames.append(grid_frame(x_t if args.gif_of == "xt" else x0))
-        last[0] = t
-
-    for first in range(0, args.num_samples, args.batch_size):
-        n = min(args.batch_size, args.num_samples - first)
-        labels = None
-        if num_classes:   # --label, or else row k of the 10-column grid is class k
-            labels = torch.full((n,), args.label) if args.label is not None else torch.arange(first, first + n) // 10 % num_classes
-        x = sample(model, scheduler, n, device=args.device, precision=precision, generator=generator, sampler=sampler,
-                   steps=steps, eta=args.eta, labels=labels, guidance_scale=args.guidance_scale, callback=observe)
-        images.append(to_uint8(x).cpu())
-    return torch.cat(images), snapshots, frames
+def write_extras(args, images, recorder, suffix, only_run):
+    """What --save-every, --gif and --individual ask for, beside a run's grid."""
+    for t, grid in recorder.snapshots.items():
+        if t != 0 or not only_run:               # x0_0.png is the final grid itself
+            save_grid(torch.cat(grid), os.path.join(args.out_dir, f"x0_{t}{suffix}.png"))
+    if recorder.snapshots:
+        print(f"wrote the predicted x_0 every {args.save_every} steps as x0_{{t}}{suffix}.png in {args.out_dir}")
+    if args.gif:
+        gif = os.path.join(args.out_dir, f"reverse{suffix}.gif")
+        save_gif(recorder.frames, gif)
+        print(f"wrote {gif} ({len(recorder.frames)} frames of {'x_t' if args.gif_of == 'xt' else 'the predicted x_0'})")
+    if args.individual:
+        folder = os.path.join(args.out_dir, f"individual{suffix}")
+        os.makedirs(folder, exist_ok=True)
+        for i, img in enumerate(images):
+            save_grid(img[None], os.path.join(folder, f"{i:05d}.png"), padding=0)
+        print(f"wrote {len(images)} PNGs to {folder}")
 
 
 if __name__ == "__main__":

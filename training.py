@@ -59,7 +59,7 @@ from run_folder import (
     drop_step_log_rows_after,
     lock_run_folder,
 )
-from sampling import DEFAULT_GUIDANCE, model_config, sample, save_grid
+from sampling import DEFAULT_GUIDANCE, Pipeline, generate, model_config, save_grid
 from unet import UNet
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
@@ -241,14 +241,10 @@ def preview(ema, scheduler, config, device, precision, path):
     """A grid of EMA samples from fixed noise, so epochs can be compared by eye: SDE-DPM-Solver++(2M), the
     sampler with the best FID at 20 steps on a 30-minute CPU model (README, Results)."""
     n = config["preview_samples"]
-    generator = torch.Generator(device=device).manual_seed(1234)
-    labels = None
-    if config["conditional"]:     # row k of the 10-column grid is class k
-        labels = torch.arange(n, device=device) // 10 % ema.num_classes
-    x = sample(ema, scheduler, n, device=device, precision=precision, generator=generator, sampler="dpm++sde",
-               steps=min(config["preview_steps"], scheduler.num_timesteps), labels=labels,
-               guidance_scale=DEFAULT_GUIDANCE, progress=False)
-    save_grid(x, path)
+    images, _ = generate(Pipeline(ema, scheduler, device, precision), n, seed=1234, batch_size=n, sampler="dpm++sde",
+                         steps=min(config["preview_steps"], scheduler.num_timesteps), guidance_scale=DEFAULT_GUIDANCE,
+                         progress=False)
+    save_grid(images, path)
 
 
 def training_speed(model, device, precision_option, config, master, world):
