@@ -99,7 +99,8 @@ def test_streamed_folder_stops_resumes_and_trains_bit_for_bit_like_the_folder_in
     state = load(stopped / "ddpm_ckpt.pth")
     assert 0 < state["step"] < 3000 and state["step"] == 3 * state["epoch"] + state["batch_in_epoch"]
     epochs = str(state["epoch"] + 2)
-    run_script("training.py", *common, "--out-dir", stopped, "--epochs", epochs, "--resume", "--stream", "--workers", "2")
+    run_script("training.py", *common, "--out-dir", stopped, "--epochs", epochs, "--resume", "--stream",
+               "--workers", "2")
     run_script("training.py", *common, "--out-dir", tmp_path / "memory", "--epochs", epochs)
     a, b = load(stopped / "ddpm_ckpt.pth"), load(tmp_path / "memory" / "ddpm_ckpt.pth")
     for key in ("model", "ema", "optimizer", "step", "epoch"):

@@ -23,7 +23,8 @@ def random_features(n, d, seed):
     """n correlated feature vectors (n, d), float64, with a non-zero mean."""
     g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(d, d, generator=g, dtype=torch.float64)
-    return torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing + torch.randn(d, generator=g, dtype=torch.float64)
+    return (torch.randn(n, d, generator=g, dtype=torch.float64) @ mixing
+            + torch.randn(d, generator=g, dtype=torch.float64))
 
 
 # ---- the Frechet distance ------------------------------------------------------------------------
@@ -52,7 +53,8 @@ def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
 
 
 def test_frechet_distance_matches_the_closed_form_for_full_2x2_covariances():
-    """Non-commuting covariances: for a 2x2 P with non-negative eigenvalues, Tr(P^(1/2)) = sqrt(Tr P + 2 sqrt(det P))."""
+    """Non-commuting covariances: for a 2x2 P with non-negative eigenvalues,
+    Tr(P^(1/2)) = sqrt(Tr P + 2 sqrt(det P))."""
     cov1 = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     cov2 = torch.tensor([[1.0, -0.3], [-0.3, 3.0]], dtype=torch.float64)
     mu1, mu2 = torch.tensor([0.5, -1.0]), torch.tensor([0.0, 2.0])
@@ -171,7 +173,8 @@ def test_classifier_and_statistics_caches_are_reused_and_invalidated(data_dir, t
     shutil.copytree(data_dir, data)
     raw = data / "MNIST" / "raw"
     args = ["--samples", write_pngs(tmp_path / "pngs", make_digits(40, 5)[0]), "--dataset", "mnist", "--data-dir", data]
-    classifier, stats = data / "mnist_classifier.pth", data / "mnist_test_stats_classifier.pth"   # --cache-dir defaults to --data-dir
+    # --cache-dir defaults to --data-dir
+    classifier, stats = data / "mnist_classifier.pth", data / "mnist_test_stats_classifier.pth"
 
     def times():
         return [classifier.stat().st_mtime_ns, stats.stat().st_mtime_ns]
@@ -255,8 +258,8 @@ def test_checkpoint_end_to_end_equals_scoring_its_samples_as_pngs(train_tiny, da
     assert 0 <= direct["generated"]["label_agreement"] <= 1 and direct["generated"]["fid"] > 0
 
     run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "samples", *options, "--individual")
-    from_pngs = json.loads(run_in_process(capsys, "--samples", tmp_path / "samples" / "individual", "--dataset", "mnist",
-                                          *common))
+    from_pngs = json.loads(run_in_process(capsys, "--samples", tmp_path / "samples" / "individual",
+                                          "--dataset", "mnist", *common))
     # the same images, so the same numbers (up to float32 sums in another thread count: the subprocess runs 2)
     assert "label_agreement" not in from_pngs["generated"]                  # a folder's labels are unknown
     assert from_pngs["generated"] == pytest.approx({key: direct["generated"][key] for key in from_pngs["generated"]},

@@ -129,7 +129,8 @@ def test_ddim_with_every_step_and_eta1_is_the_ancestral_step(sched):
     x_t, eps = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
     for clip in (False, True):
         for t in (1, 10, 500, 999):
-            ddim, x0a = sched.ddim_step(eps, t, t - 1, x_t, eta=1.0, generator=torch.Generator().manual_seed(7), clip_x0=clip)
+            ddim, x0a = sched.ddim_step(eps, t, t - 1, x_t, eta=1.0, generator=torch.Generator().manual_seed(7),
+                                        clip_x0=clip)
             ddpm, x0b = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(7), clip_x0=clip)
             # equal in exact arithmetic; float32 rounding is amplified by 1 / sqrt(1 - alpha-bar) near t = 0
             assert torch.allclose(ddim, ddpm, atol=1e-3, rtol=1e-4), (t, clip)
@@ -139,7 +140,7 @@ def test_ddim_with_every_step_and_eta1_is_the_ancestral_step(sched):
 def test_cosine_schedule_matches_its_formula():
     sched = CosineNoiseScheduler(1000)
     s, T = 0.008, 1000
-    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2           # noqa: E731
     for t in (0, 1, 100, 500, 900):
         assert sched.alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5), t
     assert (sched.alphas_cumprod > 0).all() and (sched.alphas_cumprod <= 1).all()
@@ -179,9 +180,11 @@ def test_diffusion_loss_drops_labels_to_the_null_token_at_the_given_rate(sched):
 
     labels = torch.arange(4000) % 10
     generator = torch.Generator().manual_seed(0)
-    diffusion_loss(net, sched, torch.zeros(4000, 1, 2, 2), labels, generator=generator, label_dropout=0.25, null_label=10)
+    diffusion_loss(net, sched, torch.zeros(4000, 1, 2, 2), labels, generator=generator, label_dropout=0.25,
+                   null_label=10)
     dropped = seen[0] == 10
     assert dropped.float().mean().item() == pytest.approx(0.25, abs=0.03)
     assert torch.equal(seen[0][~dropped], labels[~dropped])
-    diffusion_loss(net, sched, torch.zeros(4000, 1, 2, 2), labels, generator=generator, label_dropout=0.0, null_label=10)
+    diffusion_loss(net, sched, torch.zeros(4000, 1, 2, 2), labels, generator=generator, label_dropout=0.0,
+                   null_label=10)
     assert torch.equal(seen[1], labels)

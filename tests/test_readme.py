@@ -200,7 +200,8 @@ def check_script(script, tables):
                     problems.append(f"{script}.py: {name} is in the README twice (lines {seen[name]} and {lineno})")
                 seen.setdefault(name, lineno)
                 if name not in options:
-                    problems.append(f"{script}.py: the README (line {lineno}) lists {name}, which the parser does not have")
+                    problems.append(f"{script}.py: the README (line {lineno}) lists {name}, which the parser "
+                                    f"does not have")
             described = " ".join(cells[1:])
             if not REFERS.search(described):
                 mentioned = set(CODE.findall(described))
@@ -208,8 +209,8 @@ def check_script(script, tables):
                     choices = getattr(options.get(name), "choices", None) or ()
                     missing = [str(c) for c in choices if str(c) not in mentioned]
                     if missing:
-                        problems.append(f"{script}.py {name}: the parser accepts {', '.join(missing)}, which the README "
-                                        f"(line {lineno}) does not name in backticks; the parser's choices: "
+                        problems.append(f"{script}.py {name}: the parser accepts {', '.join(missing)}, which the "
+                                        f"README (line {lineno}) does not name in backticks; the parser's choices: "
                                         f"{', '.join(map(str, choices))}")
             cell = cells[col] if col < len(cells) else ""
             parts = split_outside_backticks(cell) if len(named) > 1 else [cell]
@@ -229,13 +230,13 @@ def check_script(script, tables):
                 if default is None or isinstance(default, bool):
                     continue
                 if not same_default(literal, default):
-                    problems.append(f"{script}.py {name}: the README (line {lineno}) gives the default {show(literal)}, "
-                                    f"the parser {show(default)}")
+                    problems.append(f"{script}.py {name}: the README (line {lineno}) gives the default "
+                                    f"{show(literal)}, the parser {show(default)}")
     actions_in_readme = {id(options[n]) for n in seen if n in options}
     for name, action in options.items():
         if id(action) not in actions_in_readme and name == action.option_strings[-1]:
-            problems.append(f"{script}.py: the parser's option {name} (default {show(effective_default(module, action))}) "
-                            f"is not in the README's {script}.py table")
+            problems.append(f"{script}.py: the parser's option {name} (default "
+                            f"{show(effective_default(module, action))}) is not in the README's {script}.py table")
     return problems
 
 

@@ -37,7 +37,8 @@ def test_signal_saves_mid_epoch_and_resume_is_bit_exact(data_dir, tmp_path, sign
     with open(tmp_path / "straight" / "loss_steps.csv") as f:     # 64 steps: one row of the mean of steps 1..50
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["epoch"]) for r in rows] == [("50", "2")] and 0 < float(rows[0]["loss"]) < 10
-    proc = start_training(data_dir, tmp_path / "stopped", "--epochs", "2", "--lr-schedule", "linear", "--loss", "min-snr")
+    proc = start_training(data_dir, tmp_path / "stopped", "--epochs", "2", "--lr-schedule", "linear",
+                          "--loss", "min-snr")
     wait_for_training_to_start(proc)
     time.sleep(0.5)
     proc.send_signal(signum)
@@ -65,7 +66,8 @@ def test_second_ctrl_c_while_saving_does_not_corrupt(data_dir, tmp_path):
     assert load_checkpoint(str(tmp_path / "ddpm_ckpt.pth"))["step"] > 0
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, train_tiny, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, train_tiny, tmp_path, monkeypatch,
+                                                                     capsys):
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "1")                   # 8 steps
     before = (out / "ddpm_ckpt.pth").read_bytes()
@@ -175,7 +177,8 @@ def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_is_unharmed(data
             for extra in ([], ["--resume"]):
                 result = run_script(*tiny_run(data_dir, busy, "--epochs", "2", *extra), check=False)
                 lines = result.stderr.strip().splitlines()
-                assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (extra, result.stderr)
+                assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), \
+                    (extra, result.stderr)
                 assert str(busy) in lines[0] and f"PID {first.pid}" in lines[0], lines[0]
                 assert "training on" not in result.stdout
             assert (busy / ".lock").read_text().strip() == str(first.pid)

@@ -100,7 +100,8 @@ def test_resume_with_contradicting_options_names_them(train_tiny, tmp_path):
     result = train_tiny(out, "--epochs", "2", "--resume", "--channels", "16", "--schedule", "cosine",
                         "--dataset", "fashion-mnist", "--image-size", "32", check=False)
     assert result.returncode == 2
-    assert "--channels 16 (checkpoint: 8)" in result.stderr and "--schedule cosine (checkpoint: linear)" in result.stderr
+    assert ("--channels 16 (checkpoint: 8)" in result.stderr
+            and "--schedule cosine (checkpoint: linear)" in result.stderr)
     assert "--dataset fashion-mnist (checkpoint: mnist)" in result.stderr
     assert "--image-size 32 (checkpoint: 28)" in result.stderr
     assert (out / "ddpm_ckpt.pth").read_bytes() == before
@@ -160,8 +161,9 @@ def test_bad_checkpoints_give_one_sentence_and_leave_files_alone(good_checkpoint
         result = run_script("sampling.py", "--ckpt", path, "--out-dir", tmp_path / "out", "--num-samples", "2",
                             check=False)
         assert result.returncode != 0, name
-        lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, (name, result.stderr)
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, \
+            (name, result.stderr)
         assert (path.read_bytes() if path.is_file() else None) == before, name
     assert not (tmp_path / "pwned").exists(), "unpickling ran code"
     assert not (tmp_path / "out" / "x0_0.png").exists()

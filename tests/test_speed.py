@@ -106,7 +106,7 @@ def test_the_real_probe_leaves_the_model_and_the_random_state_as_they_were(probe
 def test_sampling_with_auto_precision_prints_its_decision(good_checkpoint, tmp_path):
     result = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", tmp_path / "s", "--num-samples", "4",
                         "--sampler", "dpm++", "--steps", "3")
-    line = next(l for l in result.stderr.splitlines() if l.startswith("sampling on cpu in "))
+    line = next(row for row in result.stderr.splitlines() if row.startswith("sampling on cpu in "))
     assert "measured:" in line or "the only candidate" in line or "cached" in line, line
     forced = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", tmp_path / "f", "--num-samples", "4",
                         "--sampler", "dpm++", "--steps", "3", "--precision", "fp32")
@@ -128,7 +128,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(train_tiny, tmp_path)
 
 def test_a_new_training_run_prints_the_probe_verdict(train_tiny, tmp_path):
     result = train_tiny(tmp_path / "run", "--epochs", "1")
-    line = next(l for l in result.stdout.splitlines() if l.startswith("training on "))
+    line = next(row for row in result.stdout.splitlines() if row.startswith("training on "))
     assert "measured:" in line or "cached" in line or "the only candidate" in line, line
 
 
@@ -142,4 +142,5 @@ def test_benchmark_reports_both_precisions_and_the_fraction_of_the_best_peak():
     for precision, run in result["runs"].items():
         assert run["train_precision"] == run["sample_precision"] == precision and run["probe_seconds"] < 1
         assert run["train_fraction_of_best_peak"] == pytest.approx(3 * flops * run["train_images_per_s"] / best_peak)
-        assert run["ddpm_1000_steps_seconds"] > 0 and run["ddim_50_steps_seconds"] > 0 and run["dpm_20_steps_seconds"] > 0
+        assert (run["ddpm_1000_steps_seconds"] > 0 and run["ddim_50_steps_seconds"] > 0
+                and run["dpm_20_steps_seconds"] > 0)

@@ -32,7 +32,7 @@ def test_min_snr_weights_each_sample_by_min_snr_gamma_over_snr():
     x0 = torch.zeros(1000, 1, 2, 2)
     t = sched.sample_timesteps(1000, g)                                        # the draws diffusion_loss will make
     noise = torch.randn(x0.shape, generator=g)
-    predictor = lambda x_t, t_, labels: torch.zeros_like(x_t)                 # noqa: E731: error = the noise itself
+    predictor = lambda x_t, t_, labels: torch.zeros_like(x_t)                 # noqa: E731 (error = the noise itself)
     loss = diffusion_loss(predictor, sched, x0, generator=torch.Generator().manual_seed(3), min_snr_gamma=5.0)
     snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
     expected = (torch.minimum(snr, torch.tensor(5.0)) / snr * noise.pow(2).mean(dim=(1, 2, 3))).mean()
@@ -70,5 +70,6 @@ def test_max_minutes_alone_trains_past_the_default_epochs_and_ends_with_the_rate
                         "--max-minutes", "0.3")
     assert "--max-minutes 0.3 reached" in result.stdout
     state = load(out / "ddpm_ckpt.pth")
-    assert state["step"] > DEFAULTS["epochs"], "the 20 default epochs (of one step each) do not cut a run of set minutes"
+    assert state["step"] > DEFAULTS["epochs"], \
+        "the 20 default epochs (of one step each) do not cut a run of set minutes"
     assert state["optimizer"]["param_groups"][0]["lr"] < 0.1 * DEFAULTS["lr"], "the rate decays to the deadline"
