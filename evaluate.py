@@ -46,10 +46,12 @@ from sampling import (
     SAMPLERS,
     Pipeline,
     check_sampling_options,
+    check_walk,
     choose_precision,
     generate,
     read_model,
     sampler_label,
+    sampler_timesteps,
 )
 
 CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are retrained
@@ -392,6 +394,8 @@ def load_pipeline(args, parser):
     T, trained_on = pipeline.scheduler.num_timesteps, pipeline.config["dataset"]
     if args.sampler != "ddpm" and args.steps > T:
         parser.error(f"--steps {args.steps} is more than the {T} timesteps the model was trained with")
+    if args.sampler != "ddpm":
+        check_walk(pipeline.scheduler, args.sampler, args.steps, parser)
     if args.dataset is not None and args.dataset != trained_on:
         parser.error(f"--dataset {args.dataset} contradicts {args.ckpt}, which was trained on {trained_on}")
     return choose_precision(pipeline, args.precision, batch_size=min(args.batch_size, args.num_samples))
@@ -455,7 +459,8 @@ def evaluate(args, parser, log):
             "real_floor": {"num_images": len(floor), **scored(floor, None)}}
 
 
-SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0)]     # (sampler, eta), each at --sweep-steps
+SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0), ("restart", 0.0)]   # (sampler, eta)
+ODE_LIMIT_STEPS = 50        # DPM-Solver++(2M) at this many steps: the model's probability-flow ODE, solved closely
 
 
 def sweep(args, parser, log):
@@ -483,13 +488,23 @@ def sweep(args, parser, log):
     floor = real_slice(ref.train[0], args.num_samples)
     results.update(floor_fid=score(floor, None, ref.features, ref.classifier, ref.test_stats, args.device)["fid"],
                    features=ref.features.name, machine=describe_device(args.device))
-    runs = [(sampler, eta, steps) for steps in args.sweep_steps for sampler, eta in SWEEP
+    runs = [(sampler, eta, steps, None) for steps in args.sweep_steps for sampler, eta in SWEEP
             if sampler in args.sweep_samplers]
-    runs += [("ddpm", 0.0, T)] if "ddpm" in args.sweep_samplers else []
-    for sampler, eta, steps in runs:
+    # How far the model's ODE is from its stochastic sampler: the deterministic solver at many steps (the ODE's limit,
+    # which every fast deterministic sampler approaches) beside the T-step DDPM.
+    ode_steps = min(ODE_LIMIT_STEPS, T)
+    if "dpm++" in args.sweep_samplers:
+        runs.append(("dpm++", 0.0, ode_steps, f"ODE limit ({ode_steps}-step DPM-Solver++(2M))"))
+    runs += [("ddpm", 0.0, T, f"DDPM ({T} steps)")] if "ddpm" in args.sweep_samplers else []
+    for sampler, eta, steps, label in runs:
         name = sampler_label(sampler, steps, T, eta)
-        label = name.split("-step ", 1)[1] if sampler != "ddpm" else f"DDPM ({T} steps)"
+        label = label or name.split("-step ", 1)[1]
         if any(p["label"] == label and p["steps"] == steps for p in results["points"]):
+            continue
+        try:
+            sampler_timesteps(ref.pipeline.scheduler, sampler, steps)
+        except ValueError as e:
+            log(f"sweep: no {name}: {e}")
             continue
         log(f"sweep: {name}")
         images, requested, seconds = draw(ref.pipeline, args, log, sampler, steps, eta)
@@ -553,9 +568,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
     add_device_options(p, "sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, default), "
-                   "ddim, dpm++ or dpm++sde (--steps steps)")
+                   "ddim, dpm++, dpm++sde or restart (--steps steps)")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="steps of ddim (default 50), dpm++ and dpm++sde (default 20)")
+                   help="steps of ddim (default 50), dpm++, dpm++sde and restart (default 20)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance for conditional models (default {DEFAULT_GUIDANCE})")
@@ -567,12 +582,13 @@ def build_parser():
     p.add_argument("--cache-dir", default=None,
                    help="where the classifier and test statistics are cached (default: --data-dir)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress goes to stderr)")
-    p.add_argument("--sweep", action="store_true", help="FID of DDIM (eta 0 and 1), DPM-Solver++ and its SDE form at "
-                   "each of --sweep-steps, and of the 1000-step DDPM: a table, SWEEP.json and a picture SWEEP.png")
+    p.add_argument("--sweep", action="store_true", help="FID of DDIM (eta 0 and 1), DPM-Solver++, its SDE form and "
+                   "Restart at each of --sweep-steps, of the ODE's limit (50-step DPM-Solver++) and of the 1000-step "
+                   "DDPM: a table, SWEEP.json and a picture SWEEP.png")
     p.add_argument("--sweep-steps", type=int_list, default=[5, 10, 20, 50],
                    help="step counts of --sweep (default 5,10,20,50)")
     p.add_argument("--sweep-samplers", type=sampler_list, default=list(SAMPLERS), help="the samplers of --sweep "
-                   "(default all: ddpm,ddim,dpm++,dpm++sde); the 1000-step ddpm point is the slow one on a CPU")
+                   "(default all: ddpm,ddim,dpm++,dpm++sde,restart); the 1000-step ddpm point is the slow one on a CPU")
     p.add_argument("--sweep-out", default=None, metavar="SWEEP.json",
                    help="where --sweep writes its points (default: sweep.json beside the checkpoint; the picture "
                    "beside it)")

@@ -16,6 +16,11 @@ Notation (paper -> code):
     SNR(t)               snr = alpha-bar_t / (1 - alpha-bar_t)
     alpha_t, sigma_t     sqrt(alpha-bar_t), sqrt(1 - alpha-bar_t): DPM-Solver's x_t = alpha_t x_0 + sigma_t eps
     lambda_t             lambdas = log(alpha_t / sigma_t), half the log-SNR
+    v_t                  v = alpha_t eps - sigma_t x_0, the "velocity" (Salimans & Ho, 2022, section 4)
+
+What the network predicts (`prediction`): "eps", the paper's noise epsilon_theta (eq. 11); "v", the velocity
+v_theta; or "x0", the data itself.  The scheduler converts each to eps in one place (`to_eps`), so every
+sampler, which works with eps, works with every parameterization.
 
     python -c "from noise_scheduler import LinearNoiseScheduler as S; print(S().betas[:3])"
 """
@@ -37,15 +42,22 @@ def _noise_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
 
 
+PREDICTIONS = ("eps", "v", "x0")
+
+
 class NoiseScheduler:
-    """Everything the forward and reverse process need, derived from a beta schedule.
+    """Everything the forward and reverse process need, derived from a beta schedule, and what the network
+    predicts (one of PREDICTIONS).
 
     Computed in float64 for accuracy, stored as float32 tensors; `.to(device)` moves them.
     """
 
-    def __init__(self, betas):
+    def __init__(self, betas, prediction="eps"):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas < 1).all(), "betas must lie in (0, 1)"
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
+        self.prediction = prediction
         self.num_timesteps = betas.shape[0]
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -92,7 +104,38 @@ class NoiseScheduler:
         return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
 
+    def target(self, x0, noise, t):
+        """What the network learns to predict from x_t = add_noise(x0, noise, t): the noise eps (algorithm 1,
+        line 5), v = alpha_t eps - sigma_t x_0 (Salimans & Ho, 2022, section 4), or x_0."""
+        if self.prediction == "eps":
+            return noise
+        if self.prediction == "x0":
+            return x0
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0)
+
+    def x0_loss_weight(self, t):
+        """w(t) with || target - prediction ||^2 = w(t) || x_0 - x_0-hat ||^2 for the prediction learnt: SNR(t) for
+        eps, SNR(t) + 1 for v, 1 for x_0 (Salimans & Ho, 2022, section 4; Hang et al., 2023, section 3.4)."""
+        snr = self.snr[t]
+        return {"eps": snr, "v": snr + 1.0, "x0": torch.ones_like(snr)}[self.prediction]
+
     # ---- reverse process -------------------------------------------------------------------
+    def to_eps(self, output, x_t, t):
+        """The noise eps that the network's output stands for at (x_t, t), t a (B,) tensor:
+            eps  = output                                                        (eq. 11's epsilon_theta)
+            v:     eps = sigma_t x_t + alpha_t v                                 (from x_t = alpha_t x_0 + sigma_t eps)
+            x0:    eps = (x_t - alpha_t x_0) / sigma_t                           (eq. 4)
+        with alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 - alpha-bar_t)."""
+        output, x_t = output.float(), x_t.float()
+        if self.prediction == "eps":
+            return output
+        alpha = extract(self.sqrt_alphas_cumprod, t, x_t.shape)
+        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
+        if self.prediction == "v":
+            return sigma * x_t + alpha * output
+        return (x_t - alpha * output) / sigma
+
     def predict_x0(self, x_t, t, eps):
         """Invert eq. 4: x_0 = (x_t - sqrt(1 - alpha-bar_t) eps) / sqrt(alpha-bar_t)."""
         return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
@@ -126,6 +169,31 @@ class NoiseScheduler:
                 t = min(t, timesteps[-1] - 1)                 # strictly descending
             timesteps.append(max(t, num_steps - 1 - i))       # and room left for the steps still to come
         return timesteps
+
+    def restart_timesteps(self, num_steps, sigma_min, sigma_max, restarts, restart_steps):
+        """The walk of Restart sampling (Xu et al., 2023, algorithm 1) with `num_steps` network evaluations in all:
+        an ODE pass from T-1 down to t_min, then `restarts` times a forward jump back up to t_max followed by an
+        ODE pass of `restart_steps` steps down to t_min again, then the ODE pass on to 0.  t_min and t_max are the
+        timesteps whose noise level sigma_t / alpha_t = exp(-lambda_t) (the paper's sigma, Karras et al., 2022's
+        time) is nearest sigma_min and sigma_max.  The main pass has num_steps - restarts * restart_steps
+        timesteps, evenly spaced in t, with t_min in place of the nearest one.  A timestep followed by a larger
+        one marks a forward jump (forward_jump), which evaluates nothing."""
+        main_steps = num_steps - restarts * restart_steps
+        noise_levels = torch.exp(-self.lambdas.cpu().double())
+        t_min, t_max = (int((noise_levels - s).abs().argmin()) for s in (sigma_min, sigma_max))
+        if t_max - t_min < restart_steps:
+            raise ValueError(f"the restart interval sigma {sigma_min:g}..{sigma_max:g} spans timesteps {t_min}..{t_max} "
+                             f"of this schedule, too few for {restart_steps} steps")
+        if restarts < 0 or restart_steps < 1 or main_steps < 2:
+            raise ValueError(f"{num_steps} steps leave too few for the main pass after {restarts} restarts of "
+                             f"{restart_steps} steps")
+        main = self.timesteps(main_steps, "uniform")
+        nearest = min(range(1, len(main)), key=lambda i: abs(main[i] - t_min))    # never the first, T-1
+        main[nearest] = t_min
+        if main != sorted(set(main), reverse=True):
+            raise ValueError(f"t_min {t_min} does not fit between the {main_steps} steps of the main pass")
+        restart_pass = torch.linspace(t_max, t_min, restart_steps + 1, dtype=torch.float64).round().long().tolist()
+        return main[:nearest + 1] + restarts * restart_pass + main[nearest + 1:]
 
     def step(self, eps, t, x_t, generator=None, clip_x0=True):
         """One ancestral step x_t -> x_{t-1} (algorithm 2, lines 3-4).
@@ -172,6 +240,15 @@ class NoiseScheduler:
         if eta > 0 and t_prev >= 0:
             x_prev = x_prev + sigma * _noise_like(x_t, generator)
         return x_prev, x0
+
+    def forward_jump(self, x_t, t, t_up, generator=None):
+        """Noise x_t forward to x_{t_up}, t_up > t, with q(x_{t_up} | x_t) (Restart sampling's forward jump, Xu et al.,
+        2023, eq. 3, in variance-preserving form): x_{t_up} = a x_t + sqrt(1 - alpha-bar_{t_up} - a^2 (1 - alpha-bar_t)) z,
+        a = sqrt(alpha-bar_{t_up} / alpha-bar_t).  From x_t ~ q(x_t | x_0) it gives exactly q(x_{t_up} | x_0)."""
+        alpha_t, sigma_t, _ = self._alpha_sigma(t)
+        alpha_up, sigma_up, _ = self._alpha_sigma(t_up)
+        a = alpha_up / alpha_t
+        return a * x_t.float() + math.sqrt(max(0.0, sigma_up ** 2 - (a * sigma_t) ** 2)) * _noise_like(x_t, generator)
 
     def _alpha_sigma(self, t):
         """(alpha_t, sigma_t, lambda_t) as float64 scalars; t = -1 is the clean data (alpha 1, sigma 0, lambda inf)."""
@@ -222,8 +299,8 @@ class NoiseScheduler:
 class LinearNoiseScheduler(NoiseScheduler):
     """beta_t linear from beta_start to beta_end over T steps (Ho et al., 2020, section 4)."""
 
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02):
-        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64))
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps"):
+        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), prediction)
 
 
 class CosineNoiseScheduler(NoiseScheduler):
@@ -233,19 +310,19 @@ class CosineNoiseScheduler(NoiseScheduler):
     Here alphas_cumprod[t] is alpha-bar at the paper's step t + 1.
     """
 
-    def __init__(self, num_timesteps=1000, s=0.008, max_beta=0.999):
+    def __init__(self, num_timesteps=1000, s=0.008, max_beta=0.999, prediction="eps"):
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         alphas_cumprod = f / f[0]
         betas = (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
-        super().__init__(betas)
+        super().__init__(betas, prediction)
 
 
 SCHEDULES = {"linear": LinearNoiseScheduler, "cosine": CosineNoiseScheduler}
 
 
-def make_scheduler(schedule="linear", num_timesteps=1000):
+def make_scheduler(schedule="linear", num_timesteps=1000, prediction="eps"):
     """The scheduler named in a checkpoint's configuration."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
-    return SCHEDULES[schedule](num_timesteps=num_timesteps)
+    return SCHEDULES[schedule](num_timesteps=num_timesteps, prediction=prediction)

@@ -42,8 +42,11 @@ def model_config(config):
 
 
 DEFAULT_GUIDANCE = 2.0
-SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20}
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20}
+# Restart sampling (Xu et al., 2023): its interval of noise levels sigma = sigma_t / alpha_t, how often it jumps back
+# up, and the ODE steps of each pass down.
+RESTART = dict(sigma_min=0.1, sigma_max=0.4, restarts=2, restart_steps=3)
 LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced evenly in log-SNR rather than in t
 
 
@@ -59,10 +62,13 @@ def sampler_timesteps(scheduler, sampler, steps):
     """The timesteps a sampler walks: all T for "ddpm", else `steps` of them, spaced as `spacing` says."""
     if sampler == "ddpm":
         return scheduler.timesteps(None, "uniform")
+    if sampler == "restart":
+        return scheduler.restart_timesteps(steps, **RESTART)
     return scheduler.timesteps(steps, spacing(sampler, steps))
 
 
-SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)"}
+SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)",
+                 "restart": "Restart (DPM-Solver++(2M))"}
 
 
 def sampler_label(sampler, steps, num_timesteps, eta=0.0):
@@ -73,10 +79,12 @@ def sampler_label(sampler, steps, num_timesteps, eta=0.0):
 
 
 def predict_noise(model, x, t, labels=None, guidance_scale=1.0):
-    """epsilon_theta(x_t, t), float32.  With labels and a guidance scale w != 1, classifier-free guidance
+    """The network's prediction at (x_t, t), float32: epsilon_theta, or v or x_0 for a model trained to predict those
+    (scheduler.to_eps converts).  With labels and a guidance scale w != 1, classifier-free guidance
         eps = eps_uncond + w * (eps_cond - eps_uncond)      (Ho & Salimans, 2022)
     in one batched forward pass over [conditional; unconditional]: w = 1 is the conditional
-    prediction, w = 0 the unconditional one, w > 1 pushes samples towards their class."""
+    prediction, w = 0 the unconditional one, w > 1 pushes samples towards their class.  For v and x_0 the same
+    combination of the outputs is that of their eps, since to_eps is affine in the output."""
     if labels is None or guidance_scale == 1.0:
         return model(x, t, labels).float()
     null = torch.full_like(labels, model.num_classes)                          # the "no label" token
@@ -91,8 +99,10 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
 
     sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps`
     timesteps with noise scale `eta`; "dpm++" / "dpm++sde": DPM-Solver++(2M) or its SDE form over `steps`
-    timesteps.  labels (B,) draw a conditional model's classes, with classifier-free guidance of scale
-    `guidance_scale` (see predict_noise).  callback(t, x_t, x0_pred) is called after every step.
+    timesteps; "restart": Restart sampling, DPM-Solver++(2M) passes with forward jumps between them, `steps`
+    network evaluations in all (noise_scheduler.restart_timesteps).  labels (B,) draw a conditional model's
+    classes, with classifier-free guidance of scale `guidance_scale` (see predict_noise).  callback(t, x_t, x0_pred)
+    is called after every network evaluation.
     """
     shape = (num_samples, model.in_channels, model.image_size, model.image_size)
     if noise is None:
@@ -105,13 +115,17 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     with autocast(device, precision):
         for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", leave=False, disable=not progress)):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1           # -1: the clean data x_0
+            if t_prev > t:                                                    # Restart's jump back up: no evaluation
+                x, previous = scheduler.forward_jump(x, t, t_prev, generator), None
+                continue
             tt = torch.full((num_samples,), t, dtype=torch.long, device=device)
-            eps = predict_noise(model, x, tt, labels, guidance_scale)         # epsilon_theta(x_t, t)
+            output = predict_noise(model, x, tt, labels, guidance_scale)      # eps_theta, v_theta or x0_theta
+            eps = scheduler.to_eps(output, x, tt)
             if sampler == "ddpm":
                 x, x0 = scheduler.step(eps, t, x, generator=generator)         # lines 3-4
             elif sampler == "ddim":
                 x, x0 = scheduler.ddim_step(eps, t, t_prev, x, eta=eta, generator=generator)
-            else:
+            else:           # dpm++, dpm++sde, and the ODE passes of restart
                 x, x0 = scheduler.dpm_solver_step(eps, t, t_prev, x, previous, stochastic=sampler == "dpm++sde",
                                                   generator=generator)
             previous = (t, x0)
@@ -143,7 +157,8 @@ def read_model(path, device):
     try:
         model = UNet(**model_config(config))
         model.load_state_dict(ckpt["ema"])
-        scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
+        scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config.get("prediction", "eps"))
+        scheduler.to(device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its weights do not fit the model its configuration describes "
                               f"({first_line(e)})") from None
@@ -267,9 +282,10 @@ def build_parser():
     add_device_options(p, "network precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--out-dir", default=os.path.join(DEFAULT_OUT_DIR, "samples"), help="where the PNGs go")
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: all T ancestral steps (default); "
-                   "ddim, dpm++ (DPM-Solver++(2M)) or dpm++sde (its stochastic form): --steps network evaluations")
-    p.add_argument("--steps", type=int_list, default=None, help="steps of ddim / dpm++ / dpm++sde, or a list like "
-                   "5,10,20,50 for one grid each (default 50 for ddim, 20 for dpm++ and dpm++sde)")
+                   "ddim, dpm++ (DPM-Solver++(2M)), dpm++sde (its stochastic form) or restart (Restart sampling): "
+                   "--steps network evaluations")
+    p.add_argument("--steps", type=int_list, default=None, help="steps of ddim / dpm++ / dpm++sde / restart, or a "
+                   "list like 5,10,20,50 for one grid each (default 50 for ddim, 20 for the others)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--label", type=int, default=None,
                    help="class to draw (conditional models); default: one row per class")
@@ -308,6 +324,14 @@ def check_sampling_options(args, parser):
         parser.error(str(e))
 
 
+def check_walk(scheduler, sampler, steps, parser):
+    """A usage error (exit 2) for a step count this sampler cannot walk on this model's schedule (restart)."""
+    try:
+        sampler_timesteps(scheduler, sampler, steps)
+    except ValueError as e:
+        parser.error(f"--sampler {sampler} --steps {steps}: {e}")
+
+
 def main(argv=None):
     args, parser = parse_args(argv)
     try:
@@ -317,6 +341,8 @@ def main(argv=None):
     T, num_classes = pipeline.scheduler.num_timesteps, pipeline.model.num_classes
     if args.sampler != "ddpm" and max(args.steps) > T:
         parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
+    for steps in args.steps or []:
+        check_walk(pipeline.scheduler, args.sampler, steps, parser)
     if args.label is not None and not num_classes:
         parser.error(f"--label {args.label}: {args.ckpt} holds an unconditional model (train with --conditional)")
     if args.label is not None and not 0 <= args.label < num_classes:

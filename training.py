@@ -52,7 +52,7 @@ from cli import (
 )
 from dataset import DATASETS, NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
 from hardware import LAYOUT_NAMES, LAYOUT_NAMES_INV, autocast, choose_speed, memory_format, setup_distributed
-from noise_scheduler import SCHEDULES, make_scheduler
+from noise_scheduler import PREDICTIONS, SCHEDULES, make_scheduler
 from run_folder import (
     CKPT_NAME,
     DEFAULT_OUT_DIR,
@@ -71,14 +71,14 @@ DEFAULTS = dict(
     dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
     schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="constant", loss="plain", min_snr_gamma=5.0,
-    conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=20,
+    prediction="eps",     conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=20,
 )
 # What a checkpoint written before these options existed was trained with.
-LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0)
+LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0, prediction="eps")
 # Options that define the run: on --resume they must agree with the checkpoint.
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
             "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout",
-            "lr_schedule", "loss", "min_snr_gamma")
+            "lr_schedule", "loss", "min_snr_gamma", "prediction")
 LR_SCHEDULES = ("linear", "constant")
 LOSSES = ("plain", "min-snr")
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
@@ -93,10 +93,11 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
                    null_label=None, min_snr_gamma=None):
     """Algorithm 1, lines 3-5, for a batch x_0: the simple objective
         || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2,
-    or, with min_snr_gamma, each sample's term weighted by min(SNR(t), gamma) / SNR(t), where
-    SNR(t) = alpha-bar_t / (1 - alpha-bar_t) (Min-SNR-gamma, Hang et al., 2023, eq. 4 and section 3.4 for
-    the noise-predicting form): the nearly noise-free timesteps, whose noise is hard to see and whose
-    images hardly need denoising, stop dominating the gradient.  gamma = inf is the simple objective.
+    or the same with the network predicting v or x_0 instead of eps (scheduler.target); or, with min_snr_gamma,
+    each sample's term weighted so that it equals min(SNR(t), gamma) || x_0 - x_0-hat ||^2, where
+    SNR(t) = alpha-bar_t / (1 - alpha-bar_t) (Min-SNR-gamma, Hang et al., 2023, eq. 4; for eps that weight is
+    min(SNR, gamma) / SNR, section 3.4): the nearly noise-free timesteps, whose noise is hard to see and whose
+    images hardly need denoising, stop dominating the gradient.  gamma = inf is the simple objective for eps.
     A conditional model's labels are replaced by the "no label" token `null_label` with probability
     `label_dropout`, so that one network learns both halves of classifier-free guidance."""
     device = x0.device
@@ -107,12 +108,12 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
         drop = torch.rand(len(x0), generator=generator, device=device) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     with autocast(device, precision):
-        eps = net(x_t, t, labels)
+        output = net(x_t, t, labels)
+    target = scheduler.target(x0, noise, t)
     if min_snr_gamma is None:
-        return F.mse_loss(eps.float(), noise)                               # (line 5)
-    snr = scheduler.snr[t]
-    weight = snr.clamp(max=min_snr_gamma) / snr                             # (B,)
-    return (weight * (eps.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        return F.mse_loss(output.float(), target)                           # (line 5)
+    weight = scheduler.snr[t].clamp(max=min_snr_gamma) / scheduler.x0_loss_weight(t)    # (B,)
+    return (weight * (output.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
 def learning_rate(config, step, total_steps):
@@ -243,7 +244,7 @@ class Trainer:
         config.update(precision=self.precision, memory_format=LAYOUT_NAMES[layout])
         self.ema = copy.deepcopy(self.model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0)
-        self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"]).to(device)
+        self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"]).to(device)
         self.generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + self.rank)
 
     def restore(self):
@@ -495,6 +496,8 @@ def build_parser():
       f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
     a("--loss", choices=LOSSES, help=f"plain: the paper's simple objective; min-snr: each timestep's term weighted "
       f"by min(SNR, gamma) / SNR (default {d['loss']})")
+    a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
+      f"alpha_t eps - sigma_t x_0) or x0 (default {d['prediction']})")
     a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
     a("--seed", type=int, help=f"random seed (default {d['seed']})")
     a("--channels", dest="base_channels", type=positive_int, help=f"U-Net width: channels of the first level "

@@ -97,7 +97,8 @@ def plot_loss(log_path, path):
 
 def plot_sweep(results, path):
     """FID against the seconds that 100 samples take, one line per sampler (its step counts marked), the
-    1000-step DDPM as a point, and the real-vs-real floor as a dashed line: what `evaluate.py --sweep` measured."""
+    1000-step DDPM and the ODE's limit as points with a line across, and the real-vs-real floor as a dashed line:
+    what `evaluate.py --sweep` measured."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,7 +109,9 @@ def plot_sweep(results, path):
     for label, points in lines.items():
         points.sort(key=lambda p: p["seconds_per_100"])
         xs, ys = [p["seconds_per_100"] for p in points], [p["fid"] for p in points]
-        ax.plot(xs, ys, "o-" if len(points) > 1 else "s", label=label)
+        line = ax.plot(xs, ys, "o-" if len(points) > 1 else "s", label=label)[0]
+        if label.startswith(("ODE limit", "DDPM")):     # the two references every fast sampler is measured against
+            ax.axhline(ys[0], color=line.get_color(), ls=":" if label.startswith("ODE") else "-.", lw=1)
         for p in points:
             ax.annotate(str(p["steps"]), (p["seconds_per_100"], p["fid"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)

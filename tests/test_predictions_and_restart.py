@@ -1,0 +1,142 @@
+"""What the network predicts (eps, v, x_0) and Restart sampling: on Gaussian data, where the exact prediction is
+known, every parameterization converts exactly and samples exactly as eps-prediction does; Restart's forward jump
+has the statistics of the forward process and its passes are the ODE solver's."""
+import math
+
+import pytest
+import torch
+
+from conftest import run_script
+from noise_scheduler import PREDICTIONS, make_scheduler
+from sampling import sample
+
+MU, S = 0.3, 0.25         # data x_0 ~ N(MU, S^2) in every pixel, well inside [-1, 1]
+
+
+def exact_eps(sched, x, t):
+    """E[eps | x_t] for data N(MU, S^2), t a (B,) tensor: x_t ~ N(alpha MU, alpha^2 S^2 + sigma^2)."""
+    a = sched.alphas_cumprod[t].double().reshape(-1, *([1] * (x.dim() - 1)))
+    alpha, sigma = a.sqrt(), (1 - a).sqrt()
+    return (sigma * (x.double() - alpha * MU) / (alpha ** 2 * S ** 2 + sigma ** 2)).float()
+
+
+def exact_output(sched, x, t):
+    """The exact prediction of each parameterization, written from its definition, not from to_eps."""
+    eps = exact_eps(sched, x, t)
+    a = sched.alphas_cumprod[t].reshape(-1, *([1] * (x.dim() - 1)))
+    alpha, sigma = a.sqrt(), (1 - a).sqrt()
+    x0 = (x - sigma * eps) / alpha
+    return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[sched.prediction]
+
+
+class GaussianModel(torch.nn.Module):
+    """A stand-in network that returns the exact prediction of its scheduler's parameterization."""
+
+    def __init__(self, sched):
+        super().__init__()
+        self.sched, self.in_channels, self.image_size, self.num_classes = sched, 1, 4, None
+
+    def forward(self, x, t, labels=None):
+        return exact_output(self.sched, x, t)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_each_prediction_converts_exactly_to_eps_and_x0(prediction):
+    sched = make_scheduler("linear", 1000, prediction)
+    g = torch.Generator().manual_seed(0)
+    x0 = MU + S * torch.randn(64, 1, 4, 4, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 1000, (64,), generator=g)
+    x_t = sched.add_noise(x0, noise, t)
+    # the training target of the true (x_0, eps) converts back to that very eps and x_0
+    target = sched.target(x0, noise, t)
+    eps = sched.to_eps(target, x_t, t)
+    assert torch.allclose(eps, noise, atol=2e-3 if prediction == "x0" else 1e-4)
+    assert torch.allclose(sched.predict_x0(x_t, t, sched.to_eps(target, x_t, t)), x0, atol=2e-3)
+    # and the exact (posterior-mean) prediction converts to the exact eps
+    assert torch.allclose(sched.to_eps(exact_output(sched, x_t, t), x_t, t), exact_eps(sched, x_t, t), atol=2e-3)
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpm++", 10), ("dpm++sde", 10), ("restart", 20)])
+def test_a_sampler_given_the_exact_prediction_lands_where_it_does_with_eps(prediction, sampler, steps):
+    runs = {}
+    for p in ("eps", prediction):
+        sched = make_scheduler("linear", 1000, p)
+        runs[p] = sample(GaussianModel(sched), sched, 16, device=torch.device("cpu"), sampler=sampler, steps=steps,
+                         generator=torch.Generator().manual_seed(1), progress=False)
+    assert torch.allclose(runs["eps"], runs[prediction], atol=1e-3)
+
+
+def test_loss_weights_express_each_objective_in_x0_error():
+    """|| target - prediction ||^2 = w(t) || x_0 - x_0-hat ||^2, with w = SNR, SNR + 1, 1 for eps, v, x_0."""
+    g = torch.Generator().manual_seed(2)
+    x0, noise = torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 4, 4, generator=g)
+    t = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999])
+    for prediction in PREDICTIONS:
+        sched = make_scheduler("linear", 1000, prediction)
+        x_t = sched.add_noise(x0, noise, t)
+        wrong = sched.target(x0, noise, t) + 0.01 * torch.randn(x0.shape, generator=g)
+        x0_hat = sched.predict_x0(x_t, t, sched.to_eps(wrong, x_t, t))
+        lhs = (wrong - sched.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
+        rhs = sched.x0_loss_weight(t) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
+        assert torch.allclose(lhs, rhs, rtol=2e-2), prediction
+
+
+def test_restart_forward_jump_gives_the_forward_process_statistics():
+    """From x_{t_min} ~ q(x_{t_min} | x_0), the jump to t_max is distributed as q(x_{t_max} | x_0)."""
+    sched = make_scheduler()
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.full((200_000,), 0.7)
+    t_min, t_max = 30, 300
+    x_min = sched.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((len(x0),), t_min))
+    x_max = sched.forward_jump(x_min, t_min, t_max, generator=g)
+    a = float(sched.alphas_cumprod[t_max])
+    assert abs(x_max.mean().item() - math.sqrt(a) * 0.7) < 0.01
+    assert abs(x_max.std().item() - math.sqrt(1 - a)) < 0.01
+
+
+def test_restart_walk_and_network_evaluations():
+    sched = make_scheduler()
+    sigma = lambda t: math.exp(-float(sched.lambdas[t]))        # noqa: E731
+    walk = sched.restart_timesteps(20, sigma_min=sigma(30), sigma_max=sigma(120), restarts=2, restart_steps=3)
+    jumps = [i for i in range(len(walk) - 1) if walk[i + 1] > walk[i]]
+    assert walk[0] == 999 and [walk[i] for i in jumps] == [30, 30] and [walk[i + 1] for i in jumps] == [120, 120]
+    assert len(walk) - len(jumps) == 20                        # every other timestep costs one network evaluation
+    assert walk[jumps[1] + 1:jumps[1] + 5] == [120, 90, 60, 30]
+    for bad in [dict(sigma_min=sigma(120), sigma_max=sigma(30)), dict(restarts=9), dict(sigma_max=sigma(32))]:
+        with pytest.raises(ValueError):
+            sched.restart_timesteps(20, **{**dict(sigma_min=sigma(30), sigma_max=sigma(120), restarts=2,
+                                                  restart_steps=3), **bad})
+
+
+def test_restart_without_jumps_is_the_ode_solver(monkeypatch):
+    """Restart's passes are DPM-Solver++(2M) steps: with no restarts, and t_min on the solver's grid, its samples
+    are the ODE solver's, bit for bit."""
+    import sampling
+    sched = make_scheduler()
+    model = GaussianModel(sched)
+    kw = dict(device=torch.device("cpu"), steps=10, progress=False)
+    sigma = lambda t: math.exp(-float(sched.lambdas[t]))        # noqa: E731
+    no_restarts = dict(sigma_min=sigma(111), sigma_max=sigma(300), restarts=0, restart_steps=3)
+    monkeypatch.setattr(sampling, "RESTART", no_restarts)
+    assert sched.restart_timesteps(10, **sampling.RESTART) == sched.timesteps(10, "uniform")
+    restart = sample(model, sched, 64, sampler="restart", generator=torch.Generator().manual_seed(4), **kw)
+    ode = sample(model, sched, 64, sampler="dpm++", generator=torch.Generator().manual_seed(4), **kw)
+    assert torch.equal(restart, ode)
+
+
+def test_restart_samples_gaussian_data_with_its_statistics():
+    sched = make_scheduler()
+    counted = []
+    x = sample(GaussianModel(sched), sched, 4000, sampler="restart", steps=20, device=torch.device("cpu"),
+               generator=torch.Generator().manual_seed(5), progress=False,
+               callback=lambda t, x_t, x0: counted.append(t))
+    assert len(counted) == 20                                  # one callback per network evaluation
+    assert abs(x.mean().item() - MU) < 0.01 and abs(x.std().item() / S - 1) < 0.15     # 20 steps: a few % off
+
+
+def test_restart_through_the_scripts(good_checkpoint, tmp_path):
+    run_script("sampling.py", "--ckpt", good_checkpoint, "--sampler", "restart", "--steps", "12", "--num-samples", "4",
+               "--out-dir", str(tmp_path), "--precision", "fp32")
+    assert (tmp_path / "x0_0.png").exists()
