@@ -140,3 +140,32 @@ def test_restart_through_the_scripts(good_checkpoint, tmp_path):
     run_script("sampling.py", "--ckpt", good_checkpoint, "--sampler", "restart", "--steps", "12", "--num-samples", "4",
                "--out-dir", str(tmp_path), "--precision", "fp32")
     assert (tmp_path / "x0_0.png").exists()
+
+
+def test_restart_with_too_few_steps_is_a_usage_error(good_checkpoint, tmp_path):
+    result = run_script("sampling.py", "--ckpt", good_checkpoint, "--sampler", "restart", "--steps", "5",
+                        "--num-samples", "2", "--out-dir", str(tmp_path), "--precision", "fp32", check=False)
+    assert result.returncode == 2 and "--sampler restart --steps 5" in result.stderr
+    assert not (tmp_path / "x0_0.png").exists()
+
+
+def test_a_checkpoint_from_before_the_prediction_option_trains_on_and_samples_as_before(good_checkpoint, tmp_path,
+                                                                                         data_dir):
+    """The checkpoint format of before --prediction: no such key in its configuration.  It samples exactly as the
+    same weights with prediction eps, and --resume continues it as an eps model."""
+    ckpt = torch.load(good_checkpoint, map_location="cpu", weights_only=False)
+    assert ckpt["config"]["prediction"] == "eps"
+    del ckpt["config"]["prediction"]
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(ckpt, old / "ddpm_ckpt.pth")
+    for name, path in (("new", good_checkpoint), ("old", old / "ddpm_ckpt.pth")):
+        run_script("sampling.py", "--ckpt", path, "--sampler", "dpm++", "--steps", "4", "--num-samples", "4",
+                   "--out-dir", str(tmp_path / f"samples_{name}"), "--precision", "fp32")
+    from PIL import Image
+    assert Image.open(tmp_path / "samples_new" / "x0_0.png").tobytes() == \
+        Image.open(tmp_path / "samples_old" / "x0_0.png").tobytes()
+    run_script("training.py", "--data-dir", data_dir, "--out-dir", old, "--resume", "--epochs", "2",
+               "--preview-samples", "0")
+    resumed = torch.load(old / "ddpm_ckpt.pth", map_location="cpu", weights_only=False)
+    assert resumed["config"]["prediction"] == "eps" and resumed["epoch"] == 2
