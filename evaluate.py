@@ -327,14 +327,14 @@ def sampler_text(args, pipeline):
     return text + (f", guidance {args.guidance_scale:g}" if pipeline.model.num_classes else "")
 
 
-def draw(pipeline, args, log, sampler, steps, eta):
+def draw(pipeline, num_samples, log, *, seed, batch_size, sampler, steps, eta, guidance_scale, progress=True):
     """uint8 images (N, C, H, W) drawn by sampling.generate with the options given, the labels asked for (None if
     unconditional), and the seconds it took: the images that `sampling.py --individual` writes with those options."""
     start = time.perf_counter()
-    images, requested = generate(pipeline, args.num_samples, seed=args.seed, batch_size=args.batch_size,
-                                 sampler=sampler, steps=steps, eta=eta, guidance_scale=args.guidance_scale)
+    images, requested = generate(pipeline, num_samples, seed=seed, batch_size=batch_size, sampler=sampler,
+                                 steps=steps, eta=eta, guidance_scale=guidance_scale, progress=progress)
     seconds = time.perf_counter() - start
-    log(f"sampled {args.num_samples} images in {seconds:.0f} s on {pipeline.device.type} ({pipeline.precision})")
+    log(f"sampled {num_samples} images in {seconds:.0f} s on {pipeline.device.type} ({pipeline.precision})")
     return images, requested, seconds
 
 
@@ -441,8 +441,7 @@ def reference(args, parser, log):
         args.dataset = pipeline.config["dataset"]
     if args.dataset == "folder":
         raise EvalError("the folder dataset has no test split apart from its training images to compare with")
-    train, test = (load_dataset(args.dataset, args.data_dir, train=split) for split in (True, False))
-    check_splits(args.dataset, train, test)
+    train, test = reference_data(args.dataset, args.data_dir)
     channels, image_size = test[0].shape[1], test[0].shape[2]
     if pipeline is None:          # read the PNGs first, so that a wrong folder fails before anything slow
         images = read_png_folder(args.samples, args.dataset, channels, image_size, args.num_samples)
@@ -450,13 +449,47 @@ def reference(args, parser, log):
         side = pipeline.model.image_size
         raise EvalError(f"{args.ckpt} makes {pipeline.model.in_channels}x{side}x{side} images, but the "
                         f"{args.dataset} data in {args.data_dir} is {channels}x{image_size}x{image_size}")
-    cache_dir = args.cache_dir or args.data_dir
-    inception = choose_features(channels, image_size, args.features, args.device, log)    # fails before any training
-    classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device,
-                                          log)
-    features = inception if inception is not None else classifier
-    test_stats = get_test_stats(args.dataset, test[0], features, cache_dir, args.device, log)
+    classifier, accuracy, features, test_stats = reference_features(
+        args.dataset, train, test, args.cache_dir or args.data_dir, args.features, args.classifier_epochs, args.device,
+        log)
     return Reference(pipeline, images, train, test, classifier, accuracy, features, test_stats)
+
+
+def reference_data(dataset, data_dir):
+    """The dataset's training and test splits, (images, labels) each, checked to be usable as a reference."""
+    train, test = (load_dataset(dataset, data_dir, train=split) for split in (True, False))
+    check_splits(dataset, train, test)
+    return train, test
+
+
+def reference_features(dataset, train, test, cache_dir, wanted, classifier_epochs, device, log):
+    """The classifier's Features and its test accuracy, the FID features (`wanted`: auto, classifier or inception)
+    and the test split's statistics under them, each taken from the caches in cache_dir or made (and cached)."""
+    channels, image_size = test[0].shape[1], test[0].shape[2]
+    inception = choose_features(channels, image_size, wanted, device, log)    # fails before any training
+    classifier, accuracy = get_classifier(dataset, train, test, cache_dir, classifier_epochs, device, log)
+    features = inception if inception is not None else classifier
+    return classifier, accuracy, features, get_test_stats(dataset, test[0], features, cache_dir, device, log)
+
+
+def fid_of(pipeline, dataset, data_dir, num_samples, sampler, steps, seed, *, batch_size=100, eta=0.0,
+           guidance_scale=DEFAULT_GUIDANCE, features="auto", classifier_epochs=2, cache_dir=None, log=print,
+           progress=True):
+    """The FID of num_samples images that the pipeline draws (sampling.generate with these options) against the
+    dataset's test split: the "generated" FID that `evaluate.py --ckpt ... --json` prints for the same options,
+    by the same steps (reference_data, reference_features, draw, score).  training.py --fid-every calls it."""
+    train, test = reference_data(dataset, data_dir)
+    classifier, _, feats, test_stats = reference_features(dataset, train, test, cache_dir or data_dir, features,
+                                                          classifier_epochs, pipeline.device, log)
+    images, requested, _ = draw(pipeline, num_samples, log, seed=seed, batch_size=batch_size, sampler=sampler,
+                                steps=steps, eta=eta, guidance_scale=guidance_scale, progress=progress)
+    return score(images, requested, feats, classifier, test_stats, pipeline.device)["fid"]
+
+
+def sampling_options(args):
+    """draw()'s options, from the command line."""
+    return dict(seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                guidance_scale=args.guidance_scale)
 
 
 def evaluate(args, parser, log):
@@ -465,7 +498,7 @@ def evaluate(args, parser, log):
     if ref.pipeline is None:
         images, requested, source = ref.images, None, args.samples
     else:
-        images, requested, _ = draw(ref.pipeline, args, log, args.sampler, args.steps, args.eta)
+        images, requested, _ = draw(ref.pipeline, args.num_samples, log, **sampling_options(args))
         source = f"{args.ckpt} ({sampler_text(args, ref.pipeline)})"
     floor = real_slice(ref.train[0], len(images))
     scored = functools.partial(score, features=ref.features, classifier=ref.classifier, test_stats=ref.test_stats,
@@ -514,7 +547,8 @@ def sweep(args, parser, log):
         if any(p["label"] == label and p["steps"] == steps for p in results["points"]):
             continue
         log(f"sweep: {name}")
-        images, requested, seconds = draw(ref.pipeline, args, log, sampler, steps, eta)
+        images, requested, seconds = draw(ref.pipeline, args.num_samples, log, **{
+            **sampling_options(args), "sampler": sampler, "steps": steps, "eta": eta})
         scored = score(images, requested, ref.features, ref.classifier, ref.test_stats, args.device)
         results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps,
                                   "fid": scored["fid"], "seconds_per_100": 100 * seconds / args.num_samples,
