@@ -11,7 +11,8 @@ or to sample from it:
     rng           random number generator states, one entry per process (rng_state, set_rng_state)
     loss_sum, loss_count   the running loss of the epoch in progress
     window_sum, window_count   the running loss of loss_steps.csv's row in progress
-(epoch to window_count: training.RunState, saved and restored under these names.)
+    fid_seconds   the training time since the last --fid-every measurement
+(epoch to fid_seconds: training.RunState, saved and restored under these names.)
 Loading uses torch.load(weights_only=True), so a file can never run code when it is read.
 """
 import os

@@ -10,10 +10,16 @@ of generated images:  ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)),  lo
 
 Features.  For small grayscale images (MNIST, Fashion-MNIST): the 128-d penultimate layer of a small
 CNN that this script trains on the dataset's own training split the first time (a few minutes on a
-CPU) and caches, as is common for MNIST.  For colour images: Inception-v3 with torchvision's
-ImageNet weights when they can be loaded, else the same self-trained classifier.  Every FID printed
-names its features.  The classifier also reports its confidence on the samples, how evenly they
-cover the classes, and, for a conditional model, how often it agrees with the requested label.
+CPU) and caches, as is common for MNIST.  For colour images: the 2048-d pool features of the
+Inception-v3 that FID papers use (TensorFlow's graph of 2015-12-05), from torch-fidelity rather than
+pytorch-fid because torch-fidelity resizes and scales the pixels as TensorFlow did, so its FIDs match
+TensorFlow's to float precision, and it needs no package beyond ours.  Its weights are downloaded
+once into torch.hub's checkpoints folder; where they cannot be had, auto uses the classifier with a
+note, and --features inception stops with one sentence saying where to put the file.  Every FID
+printed names its features: only Inception FIDs compare with papers' figures (at the same N, against
+the same reference images); classifier FIDs compare only with each other.  The classifier also
+reports its confidence on the samples, how evenly they cover the classes, and, for a conditional
+model, how often it agrees with the requested label.
 
 The reference statistics cover the whole test split; they and the classifier are cached in the data
 folder (--cache-dir) and rebuilt when the data changes.  The real-vs-real floor scores as many
@@ -121,18 +127,20 @@ class Classifier(nn.Module):
 
 
 class InceptionFeatures(nn.Module):
-    """Inception-v3's 2048-d pool features of images in [-1, 1] (the input range of its ported weights):
-    resized to 299x299 (bilinear), grayscale repeated to three channels."""
+    """The FID Inception-v3's 2048-d pool features of images in [-1, 1].  torch-fidelity's network takes the
+    uint8 pixels, as TensorFlow's graph did, and resizes them to 299x299 as TensorFlow 1 did; grayscale is
+    repeated to three channels, as reading it as RGB would."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
 
-    def forward(self, x):
-        if x.shape[1] == 1:
-            x = x.repeat(1, 3, 1, 1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        return self.net(x), None
+    def forward(self, x):                  # x (B, C, H, W) in [-1, 1] -> features (B, 2048), no logits
+        pixels = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)     # exact: x came from uint8
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
+        (features,) = self.net(pixels)
+        return features, None
 
 
 @dataclasses.dataclass
@@ -146,35 +154,48 @@ class Features:
 
 
 def load_inception(device):
-    """Inception-v3 with torchvision's ImageNet weights (downloaded once), or raise EvalError saying why not."""
-    from torchvision.models import Inception_V3_Weights, inception_v3
-    weights = Inception_V3_Weights.IMAGENET1K_V1
-    try:   # transform_input=False: our images are already in [-1, 1], the range the weights expect
-        with contextlib.redirect_stdout(sys.stderr):        # torch.hub prints "Downloading ..." on stdout
-            net = inception_v3(weights=weights, transform_input=False)
-    except Exception as e:   # no internet: URLError; a broken file: RuntimeError; ...
-        raise EvalError(f"the Inception-v3 weights ({os.path.basename(weights.url)}) are not in "
-                        f"{os.path.join(torch.hub.get_dir(), 'checkpoints')} and could not be downloaded "
-                        f"({first_line(e)})") from None
-    net.fc = nn.Identity()                                             # keep the 2048-d pool features
-    return Features(InceptionFeatures(net).to(device).eval(), "Inception-v3, ImageNet weights from torchvision, "
-                    "2048-d", "inception", "torchvision inception_v3 IMAGENET1K_V1", batch_size=50)
+    """The Inception-v3 of FID papers with its weights, downloaded once into torch.hub's checkpoints folder (a
+    progress bar on stderr), or raise EvalError saying where to put the file."""
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    except ImportError:
+        raise EvalError("the FID Inception-v3 comes from the torch-fidelity package, which is not installed: "
+                        "pip install -r requirements.txt") from None
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    file_name = os.path.basename(URL_INCEPTION_V3)
+    path = os.path.join(folder, file_name)
+    try:
+        if not os.path.exists(path):      # torch.hub writes a temporary file and renames it once it is complete
+            os.makedirs(folder, exist_ok=True)
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, path, progress=True)
+    except Exception as e:   # no internet: URLError; a folder that cannot be written: OSError; ...
+        raise EvalError(f"the FID Inception-v3 weights could not be downloaded ({first_line(e)}): put {file_name} "
+                        f"(from {URL_INCEPTION_V3}) in {folder}") from None
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)   # plain tensors: a file that would run code is refused
+        with contextlib.redirect_stdout(sys.stderr):                   # stdout stays clean for --json
+            net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=path)
+    except Exception as e:   # a truncated or foreign file fails in many ways: RuntimeError, UnpicklingError, ...
+        raise EvalError(f"{path} is not a readable copy of the FID Inception-v3 weights ({type(e).__name__}): "
+                        f"replace it with {URL_INCEPTION_V3}") from None
+    return Features(InceptionFeatures(net).to(device).eval(), "Inception-v3 with the FID weights of papers, 2048-d",
+                    "inception", f"torch-fidelity inception-v3-compat 2048 {file_name}", batch_size=50)
 
 
-def choose_features(channels, image_size, wanted, classifier, device, log):
-    """The FID features for images of this shape.  'auto': the self-trained classifier for small
-    grayscale images (as is common for MNIST); Inception-v3 for the others when its weights load,
-    else the classifier (with a note).  `classifier` is the classifier's Features."""
+def choose_features(channels, image_size, wanted, device, log):
+    """The FID features for images of this shape: Inception-v3's Features, or None for the self-trained
+    classifier's.  'auto': the classifier for small grayscale images (as is common for MNIST); Inception-v3
+    for the others when its weights load, else the classifier (with a note).  'inception' fails instead."""
     if wanted == "classifier" or (wanted == "auto" and channels == 1 and image_size <= 32):
-        return classifier
+        return None
     try:
         return load_inception(device)
     except EvalError as e:
         if wanted == "inception":
             raise
         log(f"note: {e}; using the self-trained classifier's features instead (such FIDs compare only with "
-            f"FIDs from the same features)")
-        return classifier
+            f"FIDs from the same features, not with papers)")
+        return None
 
 
 @torch.no_grad()
@@ -308,14 +329,14 @@ def sampler_text(args, pipeline):
     return text + (f", guidance {args.guidance_scale:g}" if pipeline.model.num_classes else "")
 
 
-def draw(pipeline, args, log, sampler, steps, eta):
+def draw(pipeline, num_samples, log, *, seed, batch_size, sampler, steps, eta, guidance_scale, progress=True):
     """uint8 images (N, C, H, W) drawn by sampling.generate with the options given, the labels asked for (None if
     unconditional), and the seconds it took: the images that `sampling.py --individual` writes with those options."""
     start = time.perf_counter()
-    images, requested = generate(pipeline, args.num_samples, seed=args.seed, batch_size=args.batch_size,
-                                 sampler=sampler, steps=steps, eta=eta, guidance_scale=args.guidance_scale)
+    images, requested = generate(pipeline, num_samples, seed=seed, batch_size=batch_size, sampler=sampler,
+                                 steps=steps, eta=eta, guidance_scale=guidance_scale, progress=progress)
     seconds = time.perf_counter() - start
-    log(f"sampled {args.num_samples} images in {seconds:.0f} s on {pipeline.device.type} ({pipeline.precision})")
+    log(f"sampled {num_samples} images in {seconds:.0f} s on {pipeline.device.type} ({pipeline.precision})")
     return images, requested, seconds
 
 
@@ -424,8 +445,7 @@ def reference(args, parser, log):
         args.dataset = pipeline.config["dataset"]
     if args.dataset == "folder":
         raise EvalError("the folder dataset has no test split apart from its training images to compare with")
-    train, test = (load_dataset(args.dataset, args.data_dir, train=split) for split in (True, False))
-    check_splits(args.dataset, train, test)
+    train, test = reference_data(args.dataset, args.data_dir)
     channels, image_size = test[0].shape[1], test[0].shape[2]
     if pipeline is None:          # read the PNGs first, so that a wrong folder fails before anything slow
         images = read_png_folder(args.samples, args.dataset, channels, image_size, args.num_samples)
@@ -433,12 +453,47 @@ def reference(args, parser, log):
         side = pipeline.model.image_size
         raise EvalError(f"{args.ckpt} makes {pipeline.model.in_channels}x{side}x{side} images, but the "
                         f"{args.dataset} data in {args.data_dir} is {channels}x{image_size}x{image_size}")
-    cache_dir = args.cache_dir or args.data_dir
-    classifier, accuracy = get_classifier(args.dataset, train, test, cache_dir, args.classifier_epochs, args.device,
-                                          log)
-    features = choose_features(channels, image_size, args.features, classifier, args.device, log)
-    test_stats = get_test_stats(args.dataset, test[0], features, cache_dir, args.device, log)
+    classifier, accuracy, features, test_stats = reference_features(
+        args.dataset, train, test, args.cache_dir or args.data_dir, args.features, args.classifier_epochs, args.device,
+        log)
     return Reference(pipeline, images, train, test, classifier, accuracy, features, test_stats)
+
+
+def reference_data(dataset, data_dir):
+    """The dataset's training and test splits, (images, labels) each, checked to be usable as a reference."""
+    train, test = (load_dataset(dataset, data_dir, train=split) for split in (True, False))
+    check_splits(dataset, train, test)
+    return train, test
+
+
+def reference_features(dataset, train, test, cache_dir, wanted, classifier_epochs, device, log):
+    """The classifier's Features and its test accuracy, the FID features (`wanted`: auto, classifier or inception)
+    and the test split's statistics under them, each taken from the caches in cache_dir or made (and cached)."""
+    channels, image_size = test[0].shape[1], test[0].shape[2]
+    inception = choose_features(channels, image_size, wanted, device, log)    # fails before any training
+    classifier, accuracy = get_classifier(dataset, train, test, cache_dir, classifier_epochs, device, log)
+    features = inception if inception is not None else classifier
+    return classifier, accuracy, features, get_test_stats(dataset, test[0], features, cache_dir, device, log)
+
+
+def fid_of(pipeline, dataset, data_dir, num_samples, sampler, steps, seed, *, batch_size=100, eta=0.0,
+           guidance_scale=DEFAULT_GUIDANCE, features="auto", classifier_epochs=2, cache_dir=None, log=print,
+           progress=True):
+    """The FID of num_samples images that the pipeline draws (sampling.generate with these options) against the
+    dataset's test split: the "generated" FID that `evaluate.py --ckpt ... --json` prints for the same options,
+    by the same steps (reference_data, reference_features, draw, score).  training.py --fid-every calls it."""
+    train, test = reference_data(dataset, data_dir)
+    classifier, _, feats, test_stats = reference_features(dataset, train, test, cache_dir or data_dir, features,
+                                                          classifier_epochs, pipeline.device, log)
+    images, requested, _ = draw(pipeline, num_samples, log, seed=seed, batch_size=batch_size, sampler=sampler,
+                                steps=steps, eta=eta, guidance_scale=guidance_scale, progress=progress)
+    return score(images, requested, feats, classifier, test_stats, pipeline.device)["fid"]
+
+
+def sampling_options(args):
+    """draw()'s options, from the command line."""
+    return dict(seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                guidance_scale=args.guidance_scale)
 
 
 def evaluate(args, parser, log):
@@ -447,7 +502,7 @@ def evaluate(args, parser, log):
     if ref.pipeline is None:
         images, requested, source = ref.images, None, args.samples
     else:
-        images, requested, _ = draw(ref.pipeline, args, log, args.sampler, args.steps, args.eta)
+        images, requested, _ = draw(ref.pipeline, args.num_samples, log, **sampling_options(args))
         source = f"{args.ckpt} ({sampler_text(args, ref.pipeline)})"
     floor = real_slice(ref.train[0], len(images))
     scored = functools.partial(score, features=ref.features, classifier=ref.classifier, test_stats=ref.test_stats,
@@ -507,7 +562,8 @@ def sweep(args, parser, log):
             log(f"sweep: no {name}: {e}")
             continue
         log(f"sweep: {name}")
-        images, requested, seconds = draw(ref.pipeline, args, log, sampler, steps, eta)
+        images, requested, seconds = draw(ref.pipeline, args.num_samples, log, **{
+            **sampling_options(args), "sampler": sampler, "steps": steps, "eta": eta})
         scored = score(images, requested, ref.features, ref.classifier, ref.test_stats, args.device)
         results["points"].append({"label": label, "sampler": sampler, "eta": eta, "steps": steps,
                                   "fid": scored["fid"], "seconds_per_100": 100 * seconds / args.num_samples,
@@ -575,7 +631,8 @@ def build_parser():
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance for conditional models (default {DEFAULT_GUIDANCE})")
     p.add_argument("--features", default="auto", choices=["auto", "classifier", "inception"],
-                   help="FID features; auto: the self-trained classifier for small grayscale images, else Inception-v3")
+                   help="FID features; auto: the self-trained classifier for small grayscale images, else the "
+                        "Inception-v3 of FID papers (its weights are downloaded once)")
     p.add_argument("--classifier-epochs", type=positive_int, default=2,
                    help="training epochs of the classifier (default 2)")
     p.add_argument("--data-dir", default="data", help="dataset folder (default data)")

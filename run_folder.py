@@ -2,8 +2,10 @@
 lock that makes it one run's.
 
     OUT_DIR/ddpm_ckpt.pth              the checkpoint (checkpoint.py), which sampling.py and evaluate.py read
-    OUT_DIR/loss_log.csv               one row an epoch: epoch, step, mean loss, images/s, seconds
-    OUT_DIR/loss_steps.csv             the mean loss of every 50 steps: step, epoch, loss
+    OUT_DIR/loss_log.csv               one row an epoch: epoch, step, mean loss, images/s, seconds, and the FID
+                                       where --fid-every measured it (empty elsewhere)
+    OUT_DIR/loss_steps.csv             the mean loss of every 50 steps: step, epoch, loss, and the learning rate
+                                       of the row's last step (lr)
     OUT_DIR/samples/epoch_NNN.png      grids of samples drawn during training
     OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside
 
@@ -23,6 +25,8 @@ DEFAULT_CKPT = os.path.join(DEFAULT_OUT_DIR, CKPT_NAME)
 LOSS_LOG_NAME = "loss_log.csv"
 STEP_LOG_NAME = "loss_steps.csv"
 LOCK_NAME = ".lock"
+LOSS_LOG_HEADER = ["epoch", "step", "loss", "images_per_s", "seconds", "fid"]
+STEP_LOG_HEADER = ["step", "epoch", "loss", "lr"]
 
 
 def check_writable(folder):
@@ -97,7 +101,8 @@ def append_csv(path, header, row):
 def drop_step_log_rows_after(path, step):
     """On --resume from `step`: remove the rows of loss_steps.csv that the stopped run wrote after its last
     checkpoint (a SIGKILL between a row and the next save), since the resumed run writes them again.
-    A row cut short by the kill goes too.  The file is replaced atomically, and only if a row goes."""
+    A row cut short by the kill goes too: a row is kept only if it is as long as the header (3 columns in a
+    file written before the lr column, 4 since).  The file is replaced atomically, and only if a row goes."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
@@ -105,9 +110,27 @@ def drop_step_log_rows_after(path, step):
 
     def kept(row):
         try:
-            return len(row) == 3 and int(row[0]) <= step
+            return len(row) == len(rows[0]) and int(row[0]) <= step
         except ValueError:
             return False
     keep = rows[:1] + [row for row in rows[1:] if kept(row)]
     if len(keep) < len(rows):
         atomic_write(path, lambda f: csv.writer(f).writerows(keep))
+
+
+def add_missing_columns(path, header):
+    """On --resume of a run whose log was written before some of `header`'s columns existed (loss_log.csv without
+    fid, loss_steps.csv without lr): rewrite it atomically with those columns, empty in the old rows, so that
+    the rows the resumed run appends fit the header.  The old rows keep their values."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] == header:
+        return
+    old = rows[0]
+    if old != header[:len(old)]:
+        fail(f"{path} has the columns {','.join(old)}, not those training.py writes ({','.join(header)}); "
+             f"move it away to resume")
+    padding = [""] * (len(header) - len(old))
+    atomic_write(path, lambda f: csv.writer(f).writerows([header] + [row + padding for row in rows[1:]]))

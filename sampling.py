@@ -11,11 +11,13 @@ The model, its noise schedule, image size and channels are all rebuilt from the 
 
     from sampling import generate, load_model, save_grid
     pipeline = load_model("default/ddpm_ckpt.pth")                  # the EMA weights, on the fastest device
+    pipeline = load_model("default/model.safetensors")              # or the same weights as export.py writes them
     images, labels = generate(pipeline, 16, sampler="dpm++", steps=20)
     save_grid(images, "grid.png", nrow=4)
 """
 import argparse
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -47,6 +49,9 @@ DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20}
 # Restart sampling (Xu et al., 2023): its interval of noise levels sigma = sigma_t / alpha_t, how often it jumps back
 # up, and the ODE steps of each pass down.
 RESTART = dict(sigma_min=0.1, sigma_max=0.4, restarts=2, restart_steps=3)
+# The recommended fast sampler: the best worst case over two datasets of those measured (README, Results).  training.py
+# --fid-every measures with it; change it here.
+FID_SAMPLER = ("dpm++sde", 20)
 LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced evenly in log-SNR rather than in t
 
 
@@ -147,16 +152,19 @@ class Pipeline:
 
 
 def read_model(path, device):
-    """The EMA weights of a checkpoint as a Pipeline on `device`, in fp32 and the default layout; CheckpointError
-    with one sentence if the file cannot be read, its weights are not finite, or they do not fit the model its
-    configuration describes."""
-    ckpt = load_checkpoint(path)
-    if not all_finite(ckpt["ema"]):
+    """The EMA weights of a checkpoint, or of the safetensors file export.py makes of one, as a Pipeline on
+    `device`, in fp32 and the default layout; CheckpointError with one sentence if the file cannot be read, its
+    weights are not finite, or they do not fit the model its configuration describes."""
+    if is_safetensors(path):
+        weights, config = read_safetensors(path)
+    else:
+        ckpt = load_checkpoint(path)
+        weights, config = ckpt["ema"], ckpt["config"]
+    if not all_finite(weights):
         raise CheckpointError(f"the weights in {path} are not finite (NaN or inf), so they cannot produce images")
-    config = ckpt["config"]
     try:
         model = UNet(**model_config(config))
-        model.load_state_dict(ckpt["ema"])
+        model.load_state_dict(weights)
         scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config.get("prediction", "eps"))
         scheduler.to(device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -164,6 +172,47 @@ def read_model(path, device):
                               f"({first_line(e)})") from None
     model.to(device, memory_format=memory_format(device)).eval()
     return Pipeline(model, scheduler, device, "fp32", config)
+
+
+# ---- the exported weights: safetensors ------------------------------------------------------------------------
+SAFETENSORS_FORMAT = "ddpm-ema-v1"      # metadata["format"] of the files export.py writes
+
+
+def is_safetensors(path):
+    """Whether `path` is meant as a safetensors file: its name ends in .safetensors, or it begins as one does (an
+    8-byte little-endian header length, then the JSON header's '{'), where a checkpoint is a zip or a pickle."""
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False             # load_checkpoint says what is wrong with the path
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path)
+
+
+def read_safetensors(path):
+    """(EMA state dict, training configuration) of a file written by export.py, or CheckpointError in one
+    sentence: a missing, truncated or foreign file."""
+    from safetensors import SafetensorError, safe_open
+    if not os.path.isfile(path):
+        raise CheckpointError(f"there is no safetensors file at {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            weights = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file; it may be truncated or another kind "
+                              f"of file ({first_line(e)})") from None
+    if metadata.get("format") != SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not one written by this repository's export.py "
+                              f"(its metadata has no format {SAFETENSORS_FORMAT!r})")
+    try:
+        config = json.loads(metadata["config"])
+        assert isinstance(config, dict)
+    except (KeyError, ValueError, AssertionError):
+        raise CheckpointError(f"{path} was written by export.py but its configuration is missing or damaged") from None
+    return weights, config
 
 
 def choose_precision(pipeline, precision="auto", batch_size=100):

@@ -51,19 +51,23 @@ from cli import (
     positive_int,
 )
 from dataset import DATASETS, NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
+from evaluate import EvalError, fid_of, reference_data
 from hardware import LAYOUT_NAMES, LAYOUT_NAMES_INV, autocast, choose_speed, memory_format, setup_distributed
 from noise_scheduler import PREDICTIONS, SCHEDULES, make_scheduler
 from run_folder import (
     CKPT_NAME,
     DEFAULT_OUT_DIR,
+    LOSS_LOG_HEADER,
     LOSS_LOG_NAME,
+    STEP_LOG_HEADER,
     STEP_LOG_NAME,
+    add_missing_columns,
     append_csv,
     check_writable,
     drop_step_log_rows_after,
     lock_run_folder,
 )
-from sampling import DEFAULT_GUIDANCE, Pipeline, generate, model_config, save_grid
+from sampling import DEFAULT_GUIDANCE, FID_SAMPLER, Pipeline, generate, model_config, save_grid
 from unet import UNet
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
@@ -86,6 +90,13 @@ STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 ste
 # One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on
 # the 2-core CPU of the README: every 5 minutes that is 0.03% of the run, and a SIGKILL loses at most 5 minutes.
 SAVE_EVERY_MINUTES = 5.0
+# --fid-every: FID of FID_SAMPLES images drawn by sampling.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
+# against the test split, with the self-trained classifier's features: what `evaluate.py --sampler dpm++sde --steps
+# 20 --precision fp32 --features classifier` prints for the checkpoint.  One measurement of the default model at
+# N = 1,000 took 292 s and 576 s on one thread of the README's busy 2-core CPU (README, training.py), more than 5%
+# of a 30-minute run, so it is off by default.
+FID_SAMPLES, FID_SEED = 1000, 0
+FID_COST_NOTE = "5 to 10 minutes"
 
 
 # ---- algorithm 1 ------------------------------------------------------------------------------------------
@@ -147,6 +158,7 @@ class RunState:
     loss_count: int = 0
     window_sum: float = 0.0     # the running loss of loss_steps.csv's row in progress
     window_count: int = 0
+    fid_seconds: float = 0.0    # --fid-every: seconds of training since the last FID measurement (or the start)
 
     def to_checkpoint(self):
         return dataclasses.asdict(self)
@@ -228,6 +240,11 @@ class Trainer:
             images = images.to(self.device)
             labels = labels.to(self.device) if labels is not None else None
         self.images, self.labels = images, labels
+        if args.fid_every and self.master:       # --fid-every needs the test split: fail now, not after an epoch
+            try:
+                reference_data(config["dataset"], args.data_dir)
+            except (EvalError, DataError) as e:
+                fail(f"--fid-every: {e}")
 
     def build(self):
         """epsilon_theta (the U-Net, in the fastest precision and layout for training), its EMA, AdamW, the noise
@@ -268,6 +285,8 @@ class Trainer:
         if self.master:
             print(f"resuming {self.ckpt_path}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, step {s.step}")
             drop_step_log_rows_after(os.path.join(self.args.out_dir, STEP_LOG_NAME), s.step)
+            add_missing_columns(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER)   # logs of older
+            add_missing_columns(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER)   # versions
 
     def start(self):
         """Wrap the model for training (DDP, torch.compile), take over Ctrl-C and SIGTERM, plan the run (its
@@ -298,6 +317,11 @@ class Trainer:
                   f"{self.precision}, {config['memory_format']} ({self.speed_note}), {self.world} process(es), "
                   f"{n_params / 1e6:.2f} M parameters, {length}")
         self.preview_seconds, self.last_preview = 0.0, time.monotonic()
+        self.fid_clock = time.monotonic()        # state.fid_seconds counts the training time from here
+        if args.fid_every and self.master:
+            print(f"--fid-every {args.fid_every:g}: the FID at N = {args.fid_samples} ({FID_SAMPLER[1]}-step "
+                  f"{FID_SAMPLER[0]}, classifier features) goes into {LOSS_LOG_NAME} at the first epoch end after "
+                  f"every {args.fid_every:g} minutes of training and at the last")
 
     def train_epoch(self):
         """Algorithm 1 over the rest of this epoch's batches.  Returns the seconds it took and the images per
@@ -356,8 +380,9 @@ class Trainer:
         s.window_sum, s.window_count = s.window_sum + loss, s.window_count + 1
         if s.step % STEP_LOG_EVERY == 0:
             if self.master:
-                append_csv(os.path.join(self.args.out_dir, STEP_LOG_NAME), ["step", "epoch", "loss"],
-                           [s.step, s.epoch + 1, f"{s.window_sum / s.window_count:.6f}"])
+                append_csv(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER,     # lr: the rate of
+                           [s.step, s.epoch + 1, f"{s.window_sum / s.window_count:.6f}",          # this step
+                            repr(self.optimizer.param_groups[0]["lr"])])
             s.window_sum, s.window_count = 0.0, 0
 
     def after_step(self):
@@ -385,16 +410,46 @@ class Trainer:
         s = self.state
         mean_loss = s.loss_sum / max(1, s.loss_count)
         s.epoch, s.batch_in_epoch, s.loss_sum, s.loss_count = s.epoch + 1, 0, 0.0, 0
+        fid = self.fid_if_due()
         self.save()
         if self.save_every:
             self.next_save = time.monotonic() + self.save_every
         if not self.master:
             return
         grid = self.preview_if_due()
-        append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), ["epoch", "step", "loss", "images_per_s", "seconds"],
-                   [s.epoch, s.step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}"])
-        print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s, saved {self.ckpt_path}"
+        append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER,
+                   [s.epoch, s.step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
+                    "" if fid is None else f"{fid:.6f}"])
+        print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s"
+              + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
               + (f" and {grid}" if grid else ""))
+
+    def fid_if_due(self):
+        """--fid-every: after the first epoch that ends once that many minutes of training have passed since the
+        last measurement, and after the run's last epoch, rank 0 measures the FID of the EMA weights (evaluate.fid_of)
+        while the other processes wait.  The training's random state is left untouched (the sampler has its own
+        seeded generator), so a run with measurements trains bit for bit as one without.  Returns it, or None."""
+        s, args, now = self.state, self.args, time.monotonic()
+        s.fid_seconds, self.fid_clock = s.fid_seconds + now - self.fid_clock, now
+        if not args.fid_every or not (s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch):
+            return None
+        fid = None
+        if self.master:
+            start = time.monotonic()
+            pipeline = Pipeline(self.ema, self.scheduler, self.device, "fp32", self.config)
+            devices = [self.device] if self.device.type == "cuda" else []
+            try:
+                with torch.random.fork_rng(devices=devices):
+                    fid = fid_of(pipeline, self.config["dataset"], args.data_dir, args.fid_samples, *FID_SAMPLER,
+                                 FID_SEED, features="classifier", log=print, progress=False)
+            except (EvalError, DataError) as e:
+                fail(f"--fid-every: {e}")
+            print(f"FID {fid:.2f} at N = {args.fid_samples} after epoch {s.epoch} (step {s.step}), measured in "
+                  f"{time.monotonic() - start:.1f} s")
+        if self.world > 1:
+            dist.barrier()
+        s.fid_seconds, self.fid_clock = 0.0, time.monotonic()
+        return fid
 
     def preview_if_due(self):
         """A grid of samples after the first and the last epoch, and after any other once the training since the
@@ -528,6 +583,12 @@ def build_parser():
     a("--max-minutes", type=positive_float, help="train for this many minutes, however many epochs that is (with "
       "--epochs too: whichever ends first; with --lr-schedule linear the rate reaches zero at the end); the "
       "checkpoint is saved mid-epoch (exit 0), and --resume --max-minutes M trains M minutes more")
+    a("--fid-every", type=non_negative_float, default=0.0, metavar="MINUTES", help="measure the FID (N = "
+      f"--fid-samples, {FID_SAMPLER[1]}-step {FID_SAMPLER[0]}, the classifier's features, as evaluate.py) at the first "
+      "epoch end after every MINUTES of training and at the end of the run, into the fid column of "
+      f"{LOSS_LOG_NAME}; 0: never (the default: one measurement of the default model at N = 1,000 takes "
+      f"{FID_COST_NOTE} on a 2-core CPU)")
+    a("--fid-samples", type=positive_int, default=FID_SAMPLES, help=f"N of --fid-every (default {FID_SAMPLES})")
     a("--save-every-minutes", type=non_negative_float, default=SAVE_EVERY_MINUTES, help="also save the checkpoint "
       f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "
       f"at the end of each epoch (default {SAVE_EVERY_MINUTES:g})")

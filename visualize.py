@@ -4,7 +4,8 @@
     python visualize.py forward                  # default/forward.png: training images noised at t = 0 ... 999
     python visualize.py forward --dataset fashion-mnist --schedule cosine
     python visualize.py loss                     # default/loss.png: the loss curve from default/loss_log.csv
-                                                 # (and loss_steps.csv beside it)
+                                                 # (and loss_steps.csv beside it), with the FID and the
+                                                 # learning rate where the logs have them
 
 (The reverse process as an animation: python sampling.py --gif.)
 """
@@ -70,7 +71,9 @@ def read_csv(path):
 
 def plot_loss(log_path, path):
     """The training loss against the optimizer step: the mean of every 50 steps from loss_steps.csv
-    (beside the log, when the run has one) and the mean of each epoch from loss_log.csv."""
+    (beside the log, when the run has one) and the mean of each epoch from loss_log.csv; the FID of the epochs
+    that --fid-every measured on a second axis, and the learning rate of loss_steps.csv's lr column in a panel
+    below, when the logs have them (logs of older runs do not)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,17 +82,35 @@ def plot_loss(log_path, path):
     steps = read_csv(step_log) if os.path.isfile(step_log) else []
     if not epochs and not steps:
         raise ValueError(f"{log_path} has no epochs yet")
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fids = [(int(r["step"]), float(r["fid"])) for r in epochs if r.get("fid")]
+    rates = [(int(r["step"]), float(r["lr"])) for r in steps if r.get("lr")]
+    if rates:
+        fig, (ax, lr_ax) = plt.subplots(2, 1, figsize=(6, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
     if steps:
         ax.plot([int(r["step"]) for r in steps], [float(r["loss"]) for r in steps], lw=1, label="mean of 50 steps")
     if epochs:
         ax.plot([int(r["step"]) for r in epochs], [float(r["loss"]) for r in epochs], "o-", label="mean of the epoch")
-    ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (the --loss objective)")
     ax.set_yscale("log")
-    ax.set_title("Training loss")
+    ax.set_title("Training loss" + (" and FID" if fids else ""))
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if fids:
+        fid_ax = ax.twinx()
+        fid_ax.plot(*zip(*fids), "s--", color="tab:red", label="FID (--fid-every)")
+        fid_ax.set_ylabel("FID", color="tab:red")
+        more = fid_ax.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels)
+    if rates:
+        lr_ax.plot(*zip(*rates), lw=1, color="tab:green")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.grid(True, alpha=0.3)
+        lr_ax.set_xlabel("optimizer step")
+    else:
+        ax.set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -4,13 +4,14 @@ import json
 import math
 import os
 import shutil
+import sys
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 import evaluate
 from conftest import make_digits, run_script, write_idx
@@ -101,36 +102,117 @@ def test_small_grayscale_images_use_the_classifier_without_trying_inception(monk
     def no_inception(device):
         raise AssertionError("Inception must not be loaded for 28x28 grayscale images")
     monkeypatch.setattr(evaluate, "load_inception", no_inception)
-    classifier = object()
-    assert evaluate.choose_features(1, 28, "auto", classifier, CPU, print) is classifier
+    assert evaluate.choose_features(1, 28, "auto", CPU, print) is None          # None: the classifier's features
 
 
-def test_colour_images_fall_back_to_the_classifier_when_the_inception_weights_cannot_be_loaded(
-        monkeypatch, tmp_path, capsys):
+# ---- the FID Inception (torch-fidelity's port of TensorFlow's); nothing is ever downloaded here -----
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture
+def offline_hub(monkeypatch, tmp_path):
+    """torch.hub's folder is an empty tmp_path/hub, and any download raises before it reaches the network."""
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError("no internet")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                   # no weights cached there
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)    # and no download
-    notes, classifier = [], object()
-    assert evaluate.choose_features(3, 32, "auto", classifier, CPU, notes.append) is classifier
-    assert len(notes) == 1 and "Inception-v3 weights (inception_v3_google-" in notes[0]
-    assert str(tmp_path) in notes[0] and "could not be downloaded (<urlopen error no internet>)" in notes[0]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert torch.hub.get_dir() == str(tmp_path / "hub")
+    return tmp_path / "hub" / "checkpoints"
+
+
+def test_colour_images_fall_back_to_the_classifier_when_the_inception_weights_cannot_be_had(offline_hub, capsys):
+    notes = []
+    assert evaluate.choose_features(3, 32, "auto", CPU, notes.append) is None
+    assert len(notes) == 1 and notes[0].startswith("note: the FID Inception-v3 weights could not be downloaded "
+                                                   "(<urlopen error no internet>): put " + WEIGHTS_FILE)
+    assert str(offline_hub) in notes[0] and "not with papers" in notes[0]
     assert capsys.readouterr().out == ""                              # stdout stays clean for --json
-    with pytest.raises(evaluate.EvalError, match="Inception-v3 weights"):      # asked for explicitly: an error
-        evaluate.choose_features(3, 32, "inception", classifier, CPU, notes.append)
+    with pytest.raises(evaluate.EvalError, match=WEIGHTS_FILE):        # asked for explicitly: an error
+        evaluate.choose_features(3, 32, "inception", CPU, notes.append)
+    assert not offline_hub.exists() or not any(offline_hub.iterdir())  # nothing half-downloaded left behind
 
 
-def test_inception_features_are_2048_d_for_colour_and_grayscale(monkeypatch):
-    """The wrapper around torchvision's Inception-v3 (random weights here: nothing is downloaded)."""
-    real_inception_v3 = torchvision.models.inception_v3
-    monkeypatch.setattr(torchvision.models, "inception_v3", lambda weights, transform_input: real_inception_v3(
-        weights=None, aux_logits=True, init_weights=False, transform_input=transform_input))
-    features = evaluate.choose_features(3, 32, "auto", object(), CPU, print)
-    assert features.tag == "inception" and "Inception-v3" in features.name
-    for channels in (3, 1):
-        images = torch.randint(0, 256, (2, channels, 32, 32), dtype=torch.uint8)
-        feats, probs = evaluate.extract(features.network, images, CPU, features.batch_size)
-        assert feats.shape == (2, 2048) and probs is None
+@pytest.mark.parametrize("case", ["offline", "broken file", "torch-fidelity missing"])
+def test_inception_without_its_weights_is_one_sentence_and_exit_1(case, offline_hub, monkeypatch, data_dir, tmp_path):
+    """--features inception where the weights cannot be had stops before anything is trained, with one sentence
+    that names the file and the folder it belongs in."""
+    if case == "broken file":
+        offline_hub.mkdir(parents=True)
+        (offline_hub / WEIGHTS_FILE).write_bytes(b"cut short")
+    if case == "torch-fidelity missing":
+        monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)   # import fails
+    pngs = write_pngs(tmp_path / "pngs", make_digits(8, 5)[0])
+    with pytest.raises(SystemExit) as exit_info:              # sys.exit("error: ...") prints it and exits with 1
+        evaluate.main(["--samples", pngs, "--dataset", "mnist", "--features", "inception", "--data-dir", data_dir,
+                       "--cache-dir", str(tmp_path)])
+    text = exit_info.value.code
+    assert isinstance(text, str) and text.startswith("error: ") and "\n" not in text and text.count(". ") == 0
+    expected = {"offline": f"could not be downloaded (<urlopen error no internet>): put {WEIGHTS_FILE} (from https://",
+                "broken file": f"{offline_hub / WEIGHTS_FILE} is not a readable copy of the FID Inception-v3 weights (",
+                "torch-fidelity missing": "the torch-fidelity package, which is not installed: "
+                                          "pip install -r requirements.txt"}[case]
+    assert expected in text
+    if case == "offline":
+        assert text.endswith(f") in {offline_hub}")
+    assert not os.path.exists(tmp_path / "mnist_classifier.pth")        # failed before training anything
+
+
+def test_inception_without_its_weights_exits_1_as_a_script(data_dir, tmp_path, monkeypatch):
+    """The user's view: exit 1, that sentence alone on stderr, nothing on stdout (run_script sends any download to
+    a closed local port, so this never reaches the network either)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    pngs = write_pngs(tmp_path / "pngs", make_digits(8, 5)[0])
+    result = run_script("evaluate.py", "--samples", pngs, "--dataset", "mnist", "--features", "inception",
+                        "--data-dir", data_dir, "--cache-dir", tmp_path, check=False)
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith("error: the FID Inception-v3 weights could not be downloaded (")
+    assert result.stderr.endswith(f"): put {WEIGHTS_FILE} (from {URL_INCEPTION_V3}) in {folder}\n")
+    assert result.stderr.count("\n") == 1 and not (folder / WEIGHTS_FILE).exists()
+
+
+def random_fid_inception():
+    """torch-fidelity's network with its random initial weights (loading none)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        patch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+        return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+
+
+def test_the_fid_inception_is_read_from_torch_hubs_folder_and_gives_2048_d_features(offline_hub):
+    """Weights put in torch.hub's folder (random ones here) are loaded without a download; grayscale images give
+    the features of the same image in RGB."""
+    weights = random_fid_inception().state_dict()
+    offline_hub.mkdir(parents=True)
+    torch.save(weights, offline_hub / WEIGHTS_FILE)
+    features = evaluate.load_inception(CPU)
+    assert features.tag == "inception" and features.name == "Inception-v3 with the FID weights of papers, 2048-d"
+    assert WEIGHTS_FILE in features.key and "torchvision" not in features.key       # old statistics are not reused
+    torch.testing.assert_close(features.network.net.state_dict(), weights, rtol=0, atol=0)
+
+    gray = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    colour = torch.cat([gray[:1].repeat(1, 3, 1, 1), torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)])
+    gray_feats, probs = evaluate.extract(features.network, gray, CPU, features.batch_size)
+    colour_feats, _ = evaluate.extract(features.network, colour, CPU, features.batch_size)
+    assert gray_feats.shape == colour_feats.shape == (2, 2048) and probs is None
+    scale = float(colour_feats.abs().max())
+    assert scale > 0
+    torch.testing.assert_close(gray_feats[0], colour_feats[0], rtol=1e-4, atol=1e-4 * scale)
+    assert not torch.allclose(colour_feats[0], colour_feats[1], rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_the_fid_inception_sees_the_exact_uint8_pixels():
+    """torch-fidelity's network takes uint8 pixels, as TensorFlow's graph did: the wrapper gives them back exactly
+    from extract's [-1, 1] floats, grayscale as three equal channels."""
+    seen = []
+
+    def recorder(pixels):
+        seen.append(pixels.clone())
+        return (torch.zeros(len(pixels), 2048),)
+    images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(2, 1, 1, 1)
+    evaluate.extract(evaluate.InceptionFeatures(recorder), images, CPU, batch_size=2)
+    assert seen[0].dtype == torch.uint8 and torch.equal(seen[0], images.repeat(1, 3, 1, 1))
 
 
 def test_classifier_summary():
@@ -270,6 +352,37 @@ def test_checkpoint_end_to_end_equals_scoring_its_samples_as_pngs(train_tiny, da
     assert f"24 images from {ckpt} (5-step DDIM (eta 0), guidance 2)" in table
     assert float(fid_row(table)[0]) == pytest.approx(direct["generated"]["fid"], abs=5e-4)
     assert "classifier agrees with the requested label" in table and "real (floor)" in table
+
+
+class StandIn(torch.nn.Module):
+    """A tiny deterministic feature network in Inception's place: 4x4 average pools and their squares, 32-d."""
+
+    def forward(self, x):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x.mean(1, keepdim=True), 4).flatten(1)
+        return torch.cat([pooled, pooled ** 2], 1), None
+
+
+def test_inception_fid_is_the_frechet_distance_of_its_features_by_the_classifiers_code_path(
+        data_dir, tmp_path, monkeypatch, capsys):
+    """--features inception with a stand-in network: the FID printed is the Frechet distance between the Gaussians
+    of the stand-in's features of the samples and of the test split, and the classifier still gives its rows."""
+    stand_in = evaluate.Features(StandIn(), "stand-in, 32-d", "stand-in", "stand-in 1", batch_size=7)
+    monkeypatch.setattr(evaluate, "load_inception", lambda device: stand_in)
+    samples = make_digits(30, 5)[0]
+    args = ["--samples", write_pngs(tmp_path / "pngs", samples, mode="L"), "--dataset", "mnist", "--features",
+            "inception", "--data-dir", data_dir, "--cache-dir", tmp_path, "--json"]
+    result = json.loads(run_in_process(capsys, *args))
+    assert result["features"] == "stand-in, 32-d" and result["classifier"] == "self-trained mnist classifier, 128-d"
+    assert os.path.exists(tmp_path / "mnist_test_stats_stand-in.pth")
+
+    train, test = (load_dataset("mnist", data_dir, train=split, download=False)[0] for split in (True, False))
+
+    def fid(images):
+        return evaluate.frechet_distance(*evaluate.gaussian_stats(evaluate.extract(StandIn(), images, CPU, 64)[0]),
+                                         *evaluate.gaussian_stats(evaluate.extract(StandIn(), test, CPU, 64)[0]))
+    assert result["generated"]["fid"] == pytest.approx(fid(torch.from_numpy(samples).unsqueeze(1)), rel=1e-9)
+    assert result["real_floor"]["fid"] == pytest.approx(fid(evaluate.real_slice(train, 30)), rel=1e-9)
+    assert result["generated"]["fid"] > 0 and 0 <= result["generated"]["confidence"] <= 1
 
 
 def test_an_error_is_one_sentence_on_stderr_without_a_traceback(data_dir, tmp_path):

@@ -35,7 +35,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 README = os.path.join(ROOT, "README.md")
-SCRIPTS = ("training", "sampling", "evaluate", "visualize", "benchmark")
+SCRIPTS = ("training", "sampling", "evaluate", "visualize", "benchmark", "export")
 SCRIPT_NAME = re.compile(r"\b(" + "|".join(SCRIPTS) + r")\.py\b")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 OPTION = re.compile(r"`(--?[A-Za-z0-9][A-Za-z0-9-]*)")      # the option at the start of a backtick span

@@ -1,0 +1,64 @@
+"""Export a training run's averaged (EMA) weights as one safetensors file, with the model's configuration.
+
+    python export.py                                              # default/ddpm_ckpt.pth -> default/model.safetensors
+    python export.py --ckpt runs/fm/ddpm_ckpt.pth --out fm.safetensors
+
+The file holds the EMA state dict (the weights sampling.py and evaluate.py use) and, in its string metadata:
+    format       SAFETENSORS_FORMAT ("ddpm-ema-v1")
+    config       the whole training configuration, as JSON: the U-Net's shape, the noise schedule, the dataset,
+                 the classes of a conditional model, ...
+    prediction   what the network predicts ("eps" for checkpoints that do not say)
+No optimizer, random states or counters: it cannot be resumed, only sampled.  safetensors holds only tensors
+and a JSON header, so loading it can run no code.  sampling.py --ckpt FILE.safetensors, evaluate.py --ckpt
+FILE.safetensors and sampling.load_model("FILE.safetensors") draw exactly the images the checkpoint draws.
+"""
+import argparse
+import json
+import os
+
+from checkpoint import CheckpointError, load_checkpoint
+from cli import atomic_write, fail, first_line
+from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
+from sampling import SAFETENSORS_FORMAT
+
+DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
+
+
+def export(ckpt_path, out_path):
+    """Write the EMA weights and configuration of the checkpoint at ckpt_path to out_path (atomically).  Raises
+    CheckpointError with one sentence for a missing or damaged checkpoint, or an output it cannot write."""
+    from safetensors.torch import save
+    ckpt = load_checkpoint(ckpt_path)
+    config = ckpt["config"]
+    metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(config),
+                "prediction": str(config.get("prediction", "eps"))}
+    # contiguous copies on the CPU: safetensors stores dense row-major tensors and refuses shared memory
+    weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in ckpt["ema"].items()}
+    data = save(weights, metadata=metadata)
+    try:
+        atomic_write(out_path, lambda f: f.write(data), binary=True)
+    except OSError as e:
+        raise CheckpointError(f"could not write {out_path} ({getattr(e, 'strerror', None) or first_line(e)})") from None
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Export a checkpoint's EMA weights and configuration as safetensors.")
+    p.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"checkpoint written by training.py (default {DEFAULT_CKPT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"the safetensors file to write (default {DEFAULT_OUT})")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if os.path.exists(args.out) and os.path.exists(args.ckpt) and os.path.samefile(args.out, args.ckpt):
+        fail(f"--out {args.out} is the checkpoint itself; choose another file")
+    try:
+        export(args.ckpt, args.out)
+    except CheckpointError as e:
+        fail(e)
+    mib = lambda path: os.path.getsize(path) / 2 ** 20     # noqa: E731
+    print(f"wrote {args.out} ({mib(args.out):.1f} MiB; the checkpoint {args.ckpt}: {mib(args.ckpt):.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
