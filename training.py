@@ -330,7 +330,7 @@ class Trainer:
         # The epoch's order depends only on (seed, epoch): the same after a resume, and shared by all processes.
         order = torch.randperm(self.images.shape[0],
                                generator=torch.Generator().manual_seed(config["seed"] * 100003 + s.epoch))
-        start_time, start_batch = time.perf_counter(), s.batch_in_epoch
+        self.epoch_started = start_time, start_batch = time.perf_counter(), s.batch_in_epoch
         epochs = f"/{self.last_epoch}" if self.last_epoch < math.inf else ""
         with tqdm(total=self.batches_per_epoch * config["batch_size"], initial=s.batch_in_epoch * config["batch_size"],
                   unit="img", unit_scale=True, desc=f"epoch {s.epoch + 1}{epochs}", disable=not self.master,
@@ -424,14 +424,15 @@ class Trainer:
               + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
               + (f" and {grid}" if grid else ""))
 
-    def fid_if_due(self):
+    def fid_if_due(self, last=False):
         """--fid-every: after the first epoch that ends once that many minutes of training have passed since the
-        last measurement, and after the run's last epoch, rank 0 measures the FID of the EMA weights (evaluate.fid_of)
-        while the other processes wait.  The training's random state is left untouched (the sampler has its own
-        seeded generator), so a run with measurements trains bit for bit as one without.  Returns it, or None."""
+        last measurement, and at the run's end (its last epoch, or `last`: --max-minutes ran out), rank 0 measures
+        the FID of the EMA weights (evaluate.fid_of) while the other processes wait.  The training's random state
+        is left untouched (the sampler has its own seeded generator), so a run with measurements trains bit for bit
+        as one without.  Returns it, or None."""
         s, args, now = self.state, self.args, time.monotonic()
         s.fid_seconds, self.fid_clock = s.fid_seconds + now - self.fid_clock, now
-        if not args.fid_every or not (s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch):
+        if not args.fid_every or not (s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last):
             return None
         fid = None
         if self.master:
@@ -444,7 +445,7 @@ class Trainer:
                                  FID_SEED, features="classifier", log=print, progress=False)
             except (EvalError, DataError) as e:
                 fail(f"--fid-every: {e}")
-            print(f"FID {fid:.2f} at N = {args.fid_samples} after epoch {s.epoch} (step {s.step}), measured in "
+            print(f"FID {fid:.2f} at N = {args.fid_samples} at step {s.step}, measured in "
                   f"{time.monotonic() - start:.1f} s")
         if self.world > 1:
             dist.barrier()
@@ -490,6 +491,8 @@ class Trainer:
         """Save the position inside the epoch and say how to continue.  Returns the exit code: 128 + the signal's
         number after a signal (130 for Ctrl-C, 143 for SIGTERM), 0 when --max-minutes ran out."""
         s = self.state
+        if not by_signal and self.args.fid_every:    # the run's end: its FID, in a row for the epoch so far
+            self.log_partial_epoch(self.fid_if_due(last=True))
         self.save()
         if self.master:
             reason = "stopped by a signal" if by_signal else f"--max-minutes {self.args.max_minutes:g} reached"
@@ -502,6 +505,21 @@ class Trainer:
         if self.world > 1:
             dist.destroy_process_group()
         return 0
+
+    def log_partial_epoch(self, fid):
+        """A row of loss_log.csv for the batches of the epoch in progress, its epoch a fraction (5.43: 43% of the
+        sixth), so a run that --max-minutes ends mid-epoch has its last FID on record.  The epoch's own row follows
+        when --resume completes it."""
+        s = self.state
+        if not self.master or not s.loss_count:
+            return
+        started, first_batch = self.epoch_started
+        seconds = time.perf_counter() - started
+        images_per_s = (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds
+        append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER,
+                   [f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.step,
+                    f"{s.loss_sum / s.loss_count:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
+                    "" if fid is None else f"{fid:.6f}"])
 
     def finish(self):
         """The run's epochs are done: say so, and leave torchrun's process group."""

@@ -84,6 +84,16 @@ def test_fid_every_measures_at_the_last_epoch_and_equals_evaluate_py(train_tiny,
     run_script("visualize.py", "loss", "--log", out / "loss_log.csv", "--out", tmp_path / "loss.png")
     assert (tmp_path / "loss.png").stat().st_size > 0
 
+    # --max-minutes ends the run after its first step, mid-epoch (8 steps an epoch): the run's end is measured
+    # all the same, in a row for the part of the epoch done; --resume completes the epoch and writes its own row.
+    cut = tmp_path / "cut"
+    train_tiny(cut, "--max-minutes", "0.000001", "--fid-every", "1000", *FID_OPTIONS, "--data-dir", own_data)
+    log = rows(cut / "loss_log.csv")
+    assert [(r["epoch"], r["step"]) for r in log] == [("0.12", "1")] and float(log[0]["fid"]) > 0
+    assert load(cut / "ddpm_ckpt.pth")["fid_seconds"] == 0.0      # the interval starts again from this measurement
+    train_tiny(cut, "--epochs", "1", "--resume", "--data-dir", own_data)
+    assert [(r["epoch"], r["step"]) for r in rows(cut / "loss_log.csv")] == [("0.12", "1"), ("1", "8")]
+
 
 def test_fid_every_epoch_resumes_bit_exactly(train_tiny, own_data, tmp_path):
     """An interval shorter than any epoch: a measurement after every epoch.  Measuring leaves the training's random
