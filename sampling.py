@@ -48,7 +48,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart")
 DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20}
 # Restart sampling (Xu et al., 2023): its interval of noise levels sigma = sigma_t / alpha_t, how often it jumps back
 # up, and the ODE steps of each pass down.  Chosen by its worst case over two datasets and two sample seeds among
-# nine settings at 20 evaluations (README, Results): wider intervals than 0.1..0.4 corrected more of the ODE's drift.
+# eleven settings at 20 evaluations (README, Results): wider intervals than 0.1..0.4 corrected more of the ODE's drift.
 RESTART = dict(sigma_min=0.2, sigma_max=1.5, restarts=2, restart_steps=3)
 # The recommended fast sampler: the best worst case over the datasets measured (README, Results).  training.py
 # --fid-every measures with it; change it here.

@@ -91,7 +91,7 @@ STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 ste
 # the 2-core CPU of the README: every 5 minutes that is 0.03% of the run, and a SIGKILL loses at most 5 minutes.
 SAVE_EVERY_MINUTES = 5.0
 # --fid-every: FID of FID_SAMPLES images drawn by sampling.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
-# against the test split, with the self-trained classifier's features: what `evaluate.py --sampler dpm++sde --steps
+# against the test split, with the self-trained classifier's features: what `evaluate.py --sampler restart --steps
 # 20 --precision fp32 --features classifier` prints for the checkpoint.  One measurement of the default model at
 # N = 1,000 took 292 s and 576 s on one thread of the README's busy 2-core CPU (README, training.py), more than 5%
 # of a 30-minute run, so it is off by default.

@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun: two CPU processes (gloo)."""
 import csv
 import math
+import shutil
 
 import torch
 
@@ -29,6 +30,19 @@ def test_torchrun_trains_resumes_and_the_checkpoint_samples(data_dir, tmp_path):
     assert load(out / "ddpm_ckpt.pth")["step"] == 2 * (256 // 32)
     run_script("sampling.py", "--ckpt", out / "ddpm_ckpt.pth", "--out-dir", tmp_path / "s", "--num-samples", "4")
     assert (tmp_path / "s" / "x0_0.png").exists()
+
+
+def test_torchrun_with_fid_every_measures_once_on_rank_0(data_dir, tmp_path):
+    """--fid-every under torchrun: rank 0 measures (and says so once) while rank 1 waits at the barrier; both go on
+    to save and exit 0, and the row holds the figure."""
+    own = tmp_path / "data"                         # the FID's classifier and test statistics are cached here
+    shutil.copytree(data_dir, own)
+    out = tmp_path / "ddp"
+    result = torchrun("training.py", "--data-dir", own, "--out-dir", out, "--batch-size", "32", "--preview-samples",
+                      "0", *TINY_MODEL, "--epochs", "1", "--fid-every", "1000", "--fid-samples", "20")
+    assert result.stdout.count("measured in") == 1
+    rows = list(csv.DictReader(open(out / "loss_log.csv")))
+    assert len(rows) == 1 and float(rows[0]["fid"]) > 0 and load(out / "ddpm_ckpt.pth")["step"] == 256 // 32
 
 
 def test_each_process_sees_its_own_shard_of_every_batch():

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from conftest import run_script
+from sampling import FID_SAMPLER
 from test_scripts import assert_same_tensors, load
 from training import DEFAULTS, learning_rate
 
@@ -61,6 +62,7 @@ def test_the_lr_column_is_the_rate_of_each_logged_step_across_a_resume_of_an_old
 
 
 FID_OPTIONS = ["--fid-samples", "20"]
+SAMPLER = ["--sampler", FID_SAMPLER[0], "--steps", str(FID_SAMPLER[1])]       # what --fid-every samples with
 
 
 def test_fid_every_measures_at_the_last_epoch_and_equals_evaluate_py(train_tiny, own_data, tmp_path):
@@ -70,14 +72,14 @@ def test_fid_every_measures_at_the_last_epoch_and_equals_evaluate_py(train_tiny,
     log = rows(out / "loss_log.csv")
     assert [r["epoch"] for r in log] == ["1", "2"] and log[0]["fid"] == "" and float(log[1]["fid"]) > 0
     evaluated = json.loads(run_script(
-        "evaluate.py", "--ckpt", out / "ddpm_ckpt.pth", "--sampler", "dpm++sde", "--steps", "20", "--num-samples", "20",
+        "evaluate.py", "--ckpt", out / "ddpm_ckpt.pth", *SAMPLER, "--num-samples", "20",
         "--seed", "0", "--precision", "fp32", "--features", "classifier", "--data-dir", own_data, "--json").stdout)
     assert log[1]["fid"] == f"{evaluated['generated']['fid']:.6f}"
 
     exported = tmp_path / "model.safetensors"
     run_script("export.py", "--ckpt", out / "ddpm_ckpt.pth", "--out", exported)
     from_file = json.loads(run_script(
-        "evaluate.py", "--ckpt", exported, "--sampler", "dpm++sde", "--steps", "20", "--num-samples", "20",
+        "evaluate.py", "--ckpt", exported, *SAMPLER, "--num-samples", "20",
         "--seed", "0", "--precision", "fp32", "--features", "classifier", "--data-dir", own_data, "--json").stdout)
     assert from_file["generated"] == evaluated["generated"]
 
