@@ -93,10 +93,10 @@ SAVE_EVERY_MINUTES = 5.0
 # --fid-every: FID of FID_SAMPLES images drawn by sampling.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
 # against the test split, with the self-trained classifier's features: what `evaluate.py --sampler restart --steps
 # 20 --precision fp32 --features classifier` prints for the checkpoint.  One measurement of the default model at
-# N = 1,000 took 292 s and 576 s on one thread of the README's busy 2-core CPU (README, training.py), more than 5%
-# of a 30-minute run, so it is off by default.
+# N = 1,000 took 44 to 49 s on the README's idle 2-core CPU, 7.6% of a 30-minute run measured every 10 minutes
+# (README, Results), more than the 5% a default may cost, and it needs a test split: off by default.
 FID_SAMPLES, FID_SEED = 1000, 0
-FID_COST_NOTE = "5 to 10 minutes"
+FID_COST_NOTE = "about 45 s"
 
 
 # ---- algorithm 1 ------------------------------------------------------------------------------------------
