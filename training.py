@@ -417,9 +417,7 @@ class Trainer:
         if not self.master:
             return
         grid = self.preview_if_due()
-        append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER,
-                   [s.epoch, s.step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
-                    "" if fid is None else f"{fid:.6f}"])
+        self.log_epoch(s.epoch, mean_loss, images_per_s, seconds, fid)
         print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s"
               + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
               + (f" and {grid}" if grid else ""))
@@ -492,7 +490,7 @@ class Trainer:
         number after a signal (130 for Ctrl-C, 143 for SIGTERM), 0 when --max-minutes ran out."""
         s = self.state
         if not by_signal and self.args.fid_every:    # the run's end: its FID, in a row for the epoch so far
-            self.log_partial_epoch(self.fid_if_due(last=True))
+            self.log_partial_epoch()
         self.save()
         if self.master:
             reason = "stopped by a signal" if by_signal else f"--max-minutes {self.args.max_minutes:g} reached"
@@ -506,20 +504,23 @@ class Trainer:
             dist.destroy_process_group()
         return 0
 
-    def log_partial_epoch(self, fid):
-        """A row of loss_log.csv for the batches of the epoch in progress, its epoch a fraction (5.43: 43% of the
-        sixth), so a run that --max-minutes ends mid-epoch has its last FID on record.  The epoch's own row follows
-        when --resume completes it."""
-        s = self.state
-        if not self.master or not s.loss_count:
-            return
-        started, first_batch = self.epoch_started
-        seconds = time.perf_counter() - started
-        images_per_s = (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds
+    def log_epoch(self, epoch, mean_loss, images_per_s, seconds, fid):
+        """A row of loss_log.csv (rank 0)."""
         append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER,
-                   [f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.step,
-                    f"{s.loss_sum / s.loss_count:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
+                   [epoch, self.state.step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
                     "" if fid is None else f"{fid:.6f}"])
+
+    def log_partial_epoch(self):
+        """--fid-every when --max-minutes ends the run mid-epoch: the FID of the run's end, in a row of loss_log.csv
+        for the batches of the epoch in progress, its epoch a fraction (5.43: 43% of the sixth).  The epoch's own
+        row follows when --resume completes it."""
+        s = self.state
+        started, first_batch = self.epoch_started
+        seconds = time.perf_counter() - started                      # the training's time, before the measurement
+        fid = self.fid_if_due(last=True)
+        if self.master and s.loss_count:
+            self.log_epoch(f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.loss_sum / s.loss_count,
+                           (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds, seconds, fid)
 
     def finish(self):
         """The run's epochs are done: say so, and leave torchrun's process group."""
