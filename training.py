@@ -74,7 +74,7 @@ from unet import UNet
 DEFAULTS = dict(
     dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
-    schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="constant", loss="plain", min_snr_gamma=5.0,
+    schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="constant", loss="min-snr", min_snr_gamma=5.0,
     prediction="eps",     conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=20,
 )
 # What a checkpoint written before these options existed was trained with.
@@ -533,7 +533,8 @@ class Trainer:
 
 def main(argv=None):
     """Algorithm 1 until the run's epochs or minutes are spent: repeat { x_0 ~ q(x_0); t ~ U{0..T-1};
-    eps ~ N(0, I); a gradient step on ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2 }."""
+    eps ~ N(0, I); a gradient step on w(t) ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2
+    }, with w(t) = min(SNR(t), 5) / SNR(t) by default (--loss min-snr), or 1, the paper's objective (--loss plain)."""
     parser = build_parser()
     trainer = Trainer(parser.parse_args(argv), parser)    # processes, device, the locked output folder, the config
     trainer.load_data()                                   # the training images
@@ -568,8 +569,9 @@ def build_parser():
     a("--warmup-steps", type=non_negative_int, help=f"linear learning-rate warm-up (default {d['warmup_steps']})")
     a("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up: linear (decay to zero at the end of the run, "
       f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
-    a("--loss", choices=LOSSES, help=f"plain: the paper's simple objective; min-snr: each timestep's term weighted "
-      f"by min(SNR, gamma) / SNR (default {d['loss']})")
+    a("--loss", choices=LOSSES, help=f"min-snr: each timestep's term weighted by min(SNR, gamma) / SNR (Hang et al., "
+      f"2023), which makes the model's ODE far more accurate; plain: the paper's simple objective (default "
+      f"{d['loss']})")
     a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
       f"alpha_t eps - sigma_t x_0) or x0 (default {d['prediction']})")
     a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")

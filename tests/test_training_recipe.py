@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_MODEL, make_digits, run_script, write_idx
 from noise_scheduler import LinearNoiseScheduler
-from test_scripts import load
+from test_scripts import assert_same_tensors, load
 from training import DEFAULTS, diffusion_loss, learning_rate, planned_steps
 
 
@@ -73,3 +73,29 @@ def test_max_minutes_alone_trains_past_the_default_epochs_and_ends_with_the_rate
     assert state["step"] > DEFAULTS["epochs"], \
         "the 20 default epochs (of one step each) do not cut a run of set minutes"
     assert state["optimizer"]["param_groups"][0]["lr"] < 0.1 * DEFAULTS["lr"], "the rate decays to the deadline"
+
+
+def test_a_new_run_trains_with_min_snr_and_an_old_plain_checkpoint_resumes_with_the_plain_objective(data_dir,
+                                                                                                     tmp_path):
+    """The default objective is Min-SNR-5; a checkpoint trained with the paper's objective, whether it records
+    --loss plain or predates the option, goes on with the paper's objective: bit for bit the run it would have
+    been without the change of default."""
+    def train(out, *extra):
+        run_script("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "64",
+                   "--preview-samples", "0", *TINY_MODEL, *extra)
+        return load(out / "ddpm_ckpt.pth")
+
+    straight = train(tmp_path / "straight", "--loss", "plain", "--epochs", "2")
+    train(tmp_path / "recorded", "--loss", "plain", "--epochs", "1")
+    old = train(tmp_path / "old", "--loss", "plain", "--epochs", "1")
+    del old["config"]["loss"], old["config"]["min_snr_gamma"]          # as written before --loss existed
+    torch.save(old, tmp_path / "old" / "ddpm_ckpt.pth")
+    for name in ("recorded", "old"):
+        resumed = train(tmp_path / name, "--resume", "--epochs", "2")
+        assert resumed["config"]["loss"] == "plain"
+        for key in ("model", "ema"):
+            assert_same_tensors(resumed[key], straight[key])
+    minsnr = train(tmp_path / "new", "--epochs", "2")
+    assert minsnr["config"]["loss"] == "min-snr"
+    assert any(not torch.equal(minsnr["model"][k], straight["model"][k]) for k in straight["model"]), \
+        "the two objectives train different weights"
