@@ -33,7 +33,7 @@ from hardware import (
 )
 from noise_scheduler import make_scheduler
 from sampling import sample
-from training import DEFAULTS, diffusion_loss, model_shape
+from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
 
 
@@ -60,10 +60,9 @@ def train_throughput(model, scheduler, device, precision, batch_size, steps, com
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     net = torch.compile(model) if compile_ else model
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
-    min_snr_gamma = DEFAULTS["min_snr_gamma"] if DEFAULTS["loss"] == "min-snr" else None      # training's objective
 
     def step():
-        loss = diffusion_loss(net, scheduler, x0, precision=precision, min_snr_gamma=min_snr_gamma)
+        loss = diffusion_loss(net, scheduler, x0, precision=precision, min_snr_gamma=loss_gamma(DEFAULTS))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -127,6 +127,12 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
     return (weight * (output.float() - target).pow(2).mean(dim=(1, 2, 3))).mean()
 
 
+def loss_gamma(config):
+    """The min_snr_gamma that diffusion_loss takes for a run's configuration: --min-snr-gamma for --loss min-snr,
+    None (the paper's objective) for --loss plain."""
+    return config["min_snr_gamma"] if config["loss"] == "min-snr" else None
+
+
 def learning_rate(config, step, total_steps):
     """The rate of optimizer step number `step` (0-based) of a run of `total_steps` steps: a linear warm-up
     over --warmup-steps, then either constant or, for --lr-schedule linear, a straight line down to zero at
@@ -357,7 +363,7 @@ class Trainer:
         loss = diffusion_loss(self.train_model, self.scheduler, x0, y, generator=self.generator,   # lines 3-5
                               precision=self.precision, label_dropout=config["label_dropout"],
                               null_label=self.model.num_classes,
-                              min_snr_gamma=config["min_snr_gamma"] if config["loss"] == "min-snr" else None)
+                              min_snr_gamma=loss_gamma(config))
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -570,7 +576,7 @@ def build_parser():
     a("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up: linear (decay to zero at the end of the run, "
       f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
     a("--loss", choices=LOSSES, help=f"min-snr: each timestep's term weighted by min(SNR, gamma) / SNR (Hang et al., "
-      f"2023), which makes the model's ODE far more accurate; plain: the paper's simple objective (default "
+      f"2023), whose ODE came closer to the data (README, Results); plain: the paper's simple objective (default "
       f"{d['loss']})")
     a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
       f"alpha_t eps - sigma_t x_0) or x0 (default {d['prediction']})")
