@@ -75,27 +75,29 @@ def test_max_minutes_alone_trains_past_the_default_epochs_and_ends_with_the_rate
     assert state["optimizer"]["param_groups"][0]["lr"] < 0.1 * DEFAULTS["lr"], "the rate decays to the deadline"
 
 
+def train_tiny(data_dir, out, *extra):
+    """A tiny model's run of training.py on data_dir into out; the checkpoint it leaves."""
+    run_script("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "64",
+               "--preview-samples", "0", *TINY_MODEL, *extra)
+    return load(out / "ddpm_ckpt.pth")
+
+
 def test_a_new_run_trains_with_min_snr_and_an_old_plain_checkpoint_resumes_with_the_plain_objective(data_dir,
                                                                                                      tmp_path):
     """The default objective is Min-SNR; a checkpoint trained with the paper's objective, whether it records
     --loss plain or predates the option, goes on with the paper's objective: bit for bit the run it would have
     been without the change of default."""
-    def train(out, *extra):
-        run_script("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "64",
-                   "--preview-samples", "0", *TINY_MODEL, *extra)
-        return load(out / "ddpm_ckpt.pth")
-
-    straight = train(tmp_path / "straight", "--loss", "plain", "--epochs", "2")
-    train(tmp_path / "recorded", "--loss", "plain", "--epochs", "1")
-    old = train(tmp_path / "old", "--loss", "plain", "--epochs", "1")
+    straight = train_tiny(data_dir, tmp_path / "straight", "--loss", "plain", "--epochs", "2")
+    train_tiny(data_dir, tmp_path / "recorded", "--loss", "plain", "--epochs", "1")
+    old = train_tiny(data_dir, tmp_path / "old", "--loss", "plain", "--epochs", "1")
     del old["config"]["loss"], old["config"]["min_snr_gamma"]          # as written before --loss existed
     torch.save(old, tmp_path / "old" / "ddpm_ckpt.pth")
     for name in ("recorded", "old"):
-        resumed = train(tmp_path / name, "--resume", "--epochs", "2")
+        resumed = train_tiny(data_dir, tmp_path / name, "--resume", "--epochs", "2")
         assert resumed["config"]["loss"] == "plain"
         for key in ("model", "ema"):
             assert_same_tensors(resumed[key], straight[key])
-    minsnr = train(tmp_path / "new", "--epochs", "2")
+    minsnr = train_tiny(data_dir, tmp_path / "new", "--epochs", "2")
     assert minsnr["config"]["loss"] == "min-snr" and minsnr["config"]["min_snr_gamma"] == DEFAULTS["min_snr_gamma"]
     assert any(not torch.equal(minsnr["model"][k], straight["model"][k]) for k in straight["model"]), \
         "the two objectives train different weights"
@@ -105,17 +107,12 @@ def test_a_min_snr_checkpoint_resumes_with_the_gamma_it_was_trained_with(data_di
     """Checkpoints of Min-SNR-5, the default before gamma 20, go on with gamma 5: bit for bit the run they began."""
     assert DEFAULTS["min_snr_gamma"] != 5.0
 
-    def train(out, *extra):
-        run_script("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "64",
-                   "--preview-samples", "0", *TINY_MODEL, *extra)
-        return load(out / "ddpm_ckpt.pth")
-
-    straight = train(tmp_path / "straight", "--min-snr-gamma", "5", "--epochs", "2")
-    train(tmp_path / "resumed", "--min-snr-gamma", "5", "--epochs", "1")
-    resumed = train(tmp_path / "resumed", "--resume", "--epochs", "2")
+    straight = train_tiny(data_dir, tmp_path / "straight", "--min-snr-gamma", "5", "--epochs", "2")
+    train_tiny(data_dir, tmp_path / "resumed", "--min-snr-gamma", "5", "--epochs", "1")
+    resumed = train_tiny(data_dir, tmp_path / "resumed", "--resume", "--epochs", "2")
     assert resumed["config"]["min_snr_gamma"] == 5.0
     for key in ("model", "ema"):
         assert_same_tensors(resumed[key], straight[key])
-    default = train(tmp_path / "default", "--epochs", "2")
+    default = train_tiny(data_dir, tmp_path / "default", "--epochs", "2")
     assert any(not torch.equal(default["model"][k], straight["model"][k]) for k in straight["model"]), \
         "gamma 5 and the default gamma train different weights"
