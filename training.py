@@ -542,7 +542,8 @@ class Trainer:
 def main(argv=None):
     """Algorithm 1 until the run's epochs or minutes are spent: repeat { x_0 ~ q(x_0); t ~ U{0..T-1};
     eps ~ N(0, I); a gradient step on w(t) ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2
-    }, with w(t) = min(SNR(t), 5) / SNR(t) by default (--loss min-snr), or 1, the paper's objective (--loss plain)."""
+    }, with w(t) = min(SNR(t), gamma) / SNR(t) by default (--loss min-snr, gamma = --min-snr-gamma), or 1, the
+    paper's objective (--loss plain)."""
     parser = build_parser()
     trainer = Trainer(parser.parse_args(argv), parser)    # processes, device, the locked output folder, the config
     trainer.load_data()                                   # the training images
