@@ -114,17 +114,25 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+# Timed calls of each candidate in the speed probe.  With one call each, a burst of load on a noisy 2-core VM made a
+# candidate look 2 to 3 times slower in 6 of 20 starts on an AMD EPYC, with three in none (the fastest two within 0.73).
+PROBE_REPEATS = 3
+
+
 def fastest(seconds):
     """The candidate that took the least time, from {candidate: seconds}."""
     return min(seconds, key=seconds.get)
 
 
-def time_candidates(run, candidates, repeats=1):
-    """{candidate: seconds of one run(candidate)}: the least of `repeats` timed calls after an untimed warm-up,
-    the candidates taking turns so that a slow moment of a busy machine hits all of them alike."""
+def time_candidates(run, candidates, repeats=PROBE_REPEATS):
+    """{candidate: seconds of one run(candidate)}: the least of `repeats` timed calls after an untimed warm-up.
+    The candidates take turns, each round starting one candidate further on, so that a slow moment of a busy
+    machine (another process, a neighbour on the VM's host) that spoils one call does not decide: it has to
+    slow every call of the faster candidate, and none of the slower one's, to change the verdict."""
     best = {c: math.inf for c in candidates}
     for attempt in range(repeats + 1):
-        for c in candidates:
+        shift = attempt % len(candidates)
+        for c in candidates[shift:] + candidates[:shift]:
             start = time.perf_counter()
             run(c)
             if attempt:
