@@ -11,7 +11,8 @@ then for each --precision option: the precision and memory layout chosen for tra
 printed), training images/s and the fraction of the better of the two matmul peaks it reaches (training
 FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
 (timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
-(timed in full); and peak memory (RSS on the CPU, allocated on a GPU).
+(timed in full), the fit of the fitted sampler's timesteps and 5 and 10 of its steps; and peak memory (RSS on
+the CPU, allocated on a GPU).
 """
 import argparse
 import json
@@ -32,7 +33,7 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from sampling import sample
+from sampling import Pipeline, fit_costs, generate, sample
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
 
@@ -102,6 +103,23 @@ def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
     return time.perf_counter() - start
 
 
+def fitted_seconds(model, scheduler, device, precision, n):
+    """(seconds of the fit of the fitted sampler's timesteps to this model, {steps: seconds for n images}) at 5 and
+    10 network evaluations (sampling.fit_costs, then generate)."""
+    pipeline = Pipeline(model, scheduler, device, precision)
+    start = time.perf_counter()
+    pipeline.fit = fit_costs(pipeline, progress=False)
+    fit = time.perf_counter() - start
+    runs = {}
+    for steps in (5, 10):
+        synchronize(device)
+        start = time.perf_counter()
+        generate(pipeline, n, batch_size=n, sampler="fitted", steps=steps, progress=False)
+        synchronize(device)
+        runs[steps] = time.perf_counter() - start
+    return fit, runs
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -148,6 +166,7 @@ def measure(model, scheduler, device, precision_option, args):
     net = model.to(memory_format=layout).eval()
     if args.compile:
         net = compile_for_sampling(model, device)
+    fit, fitted = fitted_seconds(net, scheduler, device, precision, args.num_samples)
     return {"train_precision": train_precision, "train_layout": LAYOUT_NAMES[train_layout],
             "train_choice": train_note,
             "train_images_per_s": train_ips, "sample_precision": precision, "sample_layout": LAYOUT_NAMES[layout],
@@ -155,7 +174,8 @@ def measure(model, scheduler, device, precision_option, args):
             "ddpm_1000_steps_seconds": ddpm_seconds(net, scheduler, device, precision, args.num_samples,
                                                     args.ddpm_steps) * T / args.ddpm_steps,
             "ddim_50_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "ddim", 50),
-            "dpm_20_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "dpm++", 20)}
+            "dpm_20_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "dpm++", 20),
+            "fit_seconds": fit, "fitted_5_steps_seconds": fitted[5], "fitted_10_steps_seconds": fitted[10]}
 
 
 def main(argv=None):
@@ -222,6 +242,9 @@ def main(argv=None):
                                                              f"(timed over {args.ddpm_steps} steps, scaled to {T})"),
             (f"{args.num_samples} samples x 50 DDIM steps", f"{r['ddim_50_steps_seconds']:.1f} s"),
             (f"{args.num_samples} samples x 20 DPM-Solver++ steps", f"{r['dpm_20_steps_seconds']:.1f} s"),
+            ("fitting the fitted sampler's timesteps", f"{r['fit_seconds']:.1f} s (once per model)"),
+            (f"{args.num_samples} samples x 5 fitted steps", f"{r['fitted_5_steps_seconds']:.2f} s"),
+            (f"{args.num_samples} samples x 10 fitted steps", f"{r['fitted_10_steps_seconds']:.2f} s"),
         ]
         print(f"--precision {option}")
         width = max(len(k) for k, _ in rows)

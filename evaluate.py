@@ -58,6 +58,7 @@ from sampling import (
     read_model,
     sampler_label,
     sampler_timesteps,
+    walk_of,
 )
 
 CLASSIFIER_VERSION = 1      # raise it when Classifier or train_classifier changes: cached classifiers are retrained
@@ -331,7 +332,12 @@ def sampler_text(args, pipeline):
 
 def draw(pipeline, num_samples, log, *, seed, batch_size, sampler, steps, eta, guidance_scale, progress=True):
     """uint8 images (N, C, H, W) drawn by sampling.generate with the options given, the labels asked for (None if
-    unconditional), and the seconds it took: the images that `sampling.py --individual` writes with those options."""
+    unconditional), and the seconds it took: the images that `sampling.py --individual` writes with those options.
+    The fitted sampler's fit, made once per model, is not counted in the seconds."""
+    if sampler == "fitted" and pipeline.fit is None:
+        start = time.perf_counter()
+        walk_of(pipeline, sampler, steps, progress)
+        log(f"fitted the timesteps to the model in {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
     images, requested = generate(pipeline, num_samples, seed=seed, batch_size=batch_size, sampler=sampler,
                                  steps=steps, eta=eta, guidance_scale=guidance_scale, progress=progress)
@@ -514,7 +520,7 @@ def evaluate(args, parser, log):
             "real_floor": {"num_images": len(floor), **scored(floor, None)}}
 
 
-SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0), ("restart", 0.0)]   # (sampler, eta)
+SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0), ("restart", 0.0), ("fitted", 0.0)]
 ODE_LIMIT_STEPS = 50        # DPM-Solver++(2M) at this many steps: the model's probability-flow ODE, solved closely
 
 
@@ -623,10 +629,11 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=100, help="images denoised at once (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
     add_device_options(p, "sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, default), "
-                   "ddim, dpm++, dpm++sde or restart (--steps steps)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, the default "
+                   "without --steps), fitted (the default with --steps), ddim, dpm++, dpm++sde or restart")
     p.add_argument("--steps", type=positive_int, default=None,
-                   help="steps of ddim (default 50), dpm++, dpm++sde and restart (default 20)")
+                   help="network evaluations of the few-step samplers (default 50 for ddim, 10 for fitted, 20 for the "
+                   "others)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--guidance-scale", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance for conditional models (default {DEFAULT_GUIDANCE})")

@@ -44,8 +44,8 @@ def model_config(config):
 
 
 DEFAULT_GUIDANCE = 2.0
-SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart")
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20}
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart", "fitted")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20, "fitted": 10}
 # Restart sampling (Xu et al., 2023): its interval of noise levels sigma = sigma_t / alpha_t, how often it jumps back
 # up, and the ODE steps of each pass down.  Chosen by its worst case over two datasets and two sample seeds among
 # eleven settings at 20 evaluations (README, Results): wider intervals than 0.1..0.4 corrected more of the ODE's drift.
@@ -65,7 +65,13 @@ def spacing(sampler, steps):
 
 
 def sampler_timesteps(scheduler, sampler, steps):
-    """The timesteps a sampler walks: all T for "ddpm", else `steps` of them, spaced as `spacing` says."""
+    """The timesteps a sampler walks: all T for "ddpm", else `steps` of them, spaced as `spacing` says.  (The fitted
+    sampler's depend on the model: walk_of.)"""
+    if sampler == "fitted":
+        grid = min(FIT_GRID, scheduler.num_timesteps)
+        if not 1 <= steps < grid:
+            raise ValueError(f"the fitted sampler takes 1 to {grid - 1} steps on this model")
+        return scheduler.timesteps(steps, "logsnr")
     if sampler == "ddpm":
         return scheduler.timesteps(None, "uniform")
     if sampler == "restart":
@@ -74,6 +80,7 @@ def sampler_timesteps(scheduler, sampler, steps):
 
 
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)",
+                 "fitted": "DPM-Solver++(2M) on fitted timesteps",
                  "restart": "Restart (DPM-Solver++(2M))"}
 
 
@@ -100,7 +107,8 @@ def predict_noise(model, x, t, labels=None, guidance_scale=1.0):
 
 @torch.no_grad()
 def sample(model, scheduler, num_samples, *, device, precision="fp32", generator=None, sampler="ddpm",
-           steps=None, eta=0.0, labels=None, guidance_scale=1.0, noise=None, callback=None, progress=True):
+           steps=None, eta=0.0, labels=None, guidance_scale=1.0, noise=None, callback=None, progress=True,
+           timesteps=None, analytic_first_step=False):
     """Run the reverse process from x_T ~ N(0, I) and return x_0 in [-1, 1], float32 (B, C, H, W).
 
     sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps`
@@ -108,13 +116,17 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     timesteps; "restart": Restart sampling, DPM-Solver++(2M) passes with forward jumps between them, `steps`
     network evaluations in all (noise_scheduler.restart_timesteps).  labels (B,) draw a conditional model's
     classes, with classifier-free guidance of scale `guidance_scale` (see predict_noise).  callback(t, x_t, x0_pred)
-    is called after every network evaluation.
+    is called after every network evaluation.  `timesteps` replaces the sampler's own walk (the "fitted" sampler's
+    timesteps, fit_timesteps); analytic_first_step takes the first step's noise as x_T itself instead of asking the
+    network (AFS, Dockhorn et al., 2022 / Zhou et al., 2024: at t = T-1, x_T = alpha x_0 + sigma eps with
+    alpha < 0.01, so eps is x_T up to that), which saves one evaluation.
     """
     shape = (num_samples, model.in_channels, model.image_size, model.image_size)
     if noise is None:
         noise = torch.randn(shape, generator=generator, device=generator.device if generator else device)
     x = noise.to(device, torch.float32)                                        # x_T ~ N(0, I)  (line 1)
-    timesteps = sampler_timesteps(scheduler, sampler, steps)
+    if timesteps is None:
+        timesteps = sampler_timesteps(scheduler, sampler, steps)
     if labels is not None:
         labels = labels.to(device)
     x0, previous = x, None
@@ -125,19 +137,99 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
                 x, previous = scheduler.forward_jump(x, t, t_prev, generator), None
                 continue
             tt = torch.full((num_samples,), t, dtype=torch.long, device=device)
-            output = predict_noise(model, x, tt, labels, guidance_scale)      # eps_theta, v_theta or x0_theta
-            eps = scheduler.to_eps(output, x, tt)
+            if analytic_first_step and i == 0:
+                eps = x                                                        # AFS: no evaluation
+            else:
+                output = predict_noise(model, x, tt, labels, guidance_scale)  # eps_theta, v_theta or x0_theta
+                eps = scheduler.to_eps(output, x, tt)
             if sampler == "ddpm":
                 x, x0 = scheduler.step(eps, t, x, generator=generator)         # lines 3-4
             elif sampler == "ddim":
                 x, x0 = scheduler.ddim_step(eps, t, t_prev, x, eta=eta, generator=generator)
-            else:           # dpm++, dpm++sde, and the ODE passes of restart
+            else:           # dpm++, dpm++sde, fitted, and the ODE passes of restart
                 x, x0 = scheduler.dpm_solver_step(eps, t, t_prev, x, previous, stochastic=sampler == "dpm++sde",
                                                   generator=generator)
-            previous = (t, x0)
+            previous = None if analytic_first_step and i == 0 else (t, x0)     # (AFS's x_0 is not extrapolated)
             if callback is not None:
                 callback(t, x, x0)
     return x.clamp(-1, 1)                                                      # line 6: return x_0
+
+
+# ---- timesteps fitted to the model: few-step sampling ---------------------------------------------------------
+# The fit (fit_costs): FIT_SAMPLES trajectories of a FIT_GRID-step DPM-Solver++(2M) walk, evenly spaced in log-SNR,
+# from noise drawn with FIT_SEED.  FIT_SAMPLES x FIT_GRID network evaluations: about half a minute for the default
+# model on 2 CPU cores.
+FIT_SAMPLES, FIT_GRID, FIT_SEED = 64, 60, 0
+FITTED_AFS_UP_TO = 10    # the fitted sampler takes the analytic first step (AFS) at up to this many evaluations
+
+
+@torch.no_grad()
+def fit_costs(pipeline, samples=FIT_SAMPLES, grid_steps=FIT_GRID, seed=FIT_SEED, progress=True):
+    """What fit_timesteps needs to place any number of steps on this model: a fine grid of timesteps and the
+    local errors of one step between any two of its points, measured on the model's own trajectories (GITS,
+    Chen et al., 2024, section 4).  A teacher walk of `grid_steps` DPM-Solver++(2M) steps records, at each grid
+    point i, the state x_i and the network's noise eps_i; a first-order step (DDIM, eta 0) from the teacher's
+    x_i with eps_i to grid point j then lands at some x'_j, and
+        cost[i][j] = mean over the samples of || x'_j - x_j ||        (the error a step i -> j adds),
+        final[j]   = mean || x0_pred(x_j, eps_j) - x_0 ||              (the error of stopping at j),
+    with x_0 the teacher's result.  cost_afs[j] is cost[0][j] with the analytic first step's eps = x_T.  No data
+    is needed, only the model; the result is deterministic for a model and seed.  Returns a dict of lists."""
+    model, scheduler, device = pipeline.model, pipeline.scheduler, pipeline.device
+    grid = scheduler.timesteps(min(grid_steps, scheduler.num_timesteps), "logsnr")
+    generator = torch.Generator(device=device).manual_seed(seed)
+    num_classes = model.num_classes
+    labels = torch.arange(samples, device=device) % num_classes if num_classes else None
+    x = torch.randn((samples, model.in_channels, model.image_size, model.image_size), generator=generator,
+                    device=device)
+    states, noises, previous = [], [], None
+    with autocast(device, pipeline.precision):
+        for i, t in enumerate(tqdm(grid, desc="fitting timesteps to the model", unit="step", disable=not progress)):
+            tt = torch.full((samples,), t, dtype=torch.long, device=device)
+            eps = scheduler.to_eps(predict_noise(model, x, tt, labels, DEFAULT_GUIDANCE), x, tt)
+            states.append(x)
+            noises.append(eps)
+            t_next = grid[i + 1] if i + 1 < len(grid) else -1
+            x, x0 = scheduler.dpm_solver_step(eps, t, t_next, x, previous)
+            previous = (t, x0)
+    final_x0 = x
+
+    def distance(a, b):
+        return float((a - b).flatten(1).norm(dim=1).mean())
+
+    n = len(grid)
+    cost = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(i + 1, n):
+            cost[i][j] = distance(scheduler.dpm_solver_step(noises[i], grid[i], grid[j], states[i])[0], states[j])
+    final = [distance(scheduler.dpm_solver_step(noises[j], grid[j], -1, states[j])[0], final_x0) for j in range(n)]
+    cost_afs = [0.0] + [distance(scheduler.dpm_solver_step(states[0], grid[0], grid[j], states[0])[0], states[j])
+                        for j in range(1, n)]
+    return dict(grid=grid, cost=cost, final=final, cost_afs=cost_afs, samples=samples, seed=seed)
+
+
+def fit_timesteps(fit, steps, analytic_first_step):
+    """The `steps` network evaluations (and, with analytic_first_step, one free step before them) that make the least
+    total error on the fit's grid (fit_costs): the cheapest path from the grid's first point, T-1, through
+    steps (+ 1) points, whose last evaluation's x_0 is the sample, found by dynamic programming over (points used,
+    last point), as GITS does.  Returns the descending timesteps."""
+    grid, cost, final = fit["grid"], fit["cost"], fit["final"]
+    n, points = len(grid), steps + (1 if analytic_first_step else 0)
+    if not 1 <= points <= n:
+        raise ValueError(f"the fitted sampler takes 1 to {n - int(analytic_first_step)} steps, not {steps}")
+
+    def step_cost(i, j):
+        return fit["cost_afs"][j] if analytic_first_step and i == 0 else cost[i][j]
+    best = {(1, 0): (0.0, None)}                     # (points on the path, its last point) -> (cost, the point before)
+    for k in range(2, points + 1):
+        for j in range(k - 1, n):
+            options = [(best[k - 1, i][0] + step_cost(i, j), i) for i in range(k - 2, j) if (k - 1, i) in best]
+            if options:
+                best[k, j] = min(options)
+    end = min((j for j in range(n) if (points, j) in best), key=lambda j: best[points, j][0] + final[j])
+    path = [end]
+    for k in range(points, 1, -1):
+        path.append(best[k, path[-1]][1])
+    return [grid[i] for i in reversed(path)]
 
 
 # ---- a trained model, ready to sample: the Python API -------------------------------------------------------
@@ -150,6 +242,18 @@ class Pipeline:
     device: torch.device
     precision: str = "fp32"
     config: dict = dataclasses.field(default_factory=dict)
+    fit: dict = None            # fit_costs of these weights, for the "fitted" sampler; made when first needed
+
+
+def walk_of(pipeline, sampler, steps, progress=False):
+    """(timesteps, analytic first step) of a sampler on this pipeline: the fitted sampler's from the pipeline's fit
+    (made now if it has none), every other sampler's from sampler_timesteps."""
+    if sampler != "fitted":
+        return sampler_timesteps(pipeline.scheduler, sampler, steps), False
+    if pipeline.fit is None:
+        pipeline.fit = fit_costs(pipeline, progress=progress)
+    afs = steps <= FITTED_AFS_UP_TO
+    return fit_timesteps(pipeline.fit, steps, afs), afs
 
 
 def read_model(path, device):
@@ -250,8 +354,9 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler="ddpm", s
     model, device, num_classes = pipeline.model, pipeline.device, pipeline.model.num_classes
     if sampler != "ddpm" and steps is None:
         steps = DEFAULT_STEPS[sampler]
+    timesteps, afs = walk_of(pipeline, sampler, steps, progress)
     generator = torch.Generator(device=device).manual_seed(seed)
-    walk = len(sampler_timesteps(pipeline.scheduler, sampler, steps))
+    walk = len(timesteps)
     images, requested = [], []
     with tqdm(total=walk * math.ceil(num_samples / batch_size), desc=f"{sampler} sampling", unit="step",
               leave=False, disable=not progress) as bar:
@@ -268,7 +373,7 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler="ddpm", s
                           else torch.arange(first, first + n) // 10 % num_classes)
             x = sample(model, pipeline.scheduler, n, device=device, precision=pipeline.precision, generator=generator,
                        sampler=sampler, steps=steps, eta=eta, labels=labels, guidance_scale=guidance_scale,
-                       callback=after_step, progress=False)
+                       callback=after_step, progress=False, timesteps=timesteps, analytic_first_step=afs)
             images.append(to_uint8(x).cpu())
             requested.append(labels)
     return torch.cat(images), (torch.cat(requested) if num_classes else None)
@@ -306,8 +411,8 @@ class Recorder:
     """generate()'s callback for --save-every and --gif: the predicted x_0 of every batch at the first step at or
     past each multiple of K ({t: [uint8 batches]}), and the frames of the first batch's reverse process."""
 
-    def __init__(self, scheduler, sampler, steps, args):
-        self.walk, self.T = sampler_timesteps(scheduler, sampler, steps), scheduler.num_timesteps
+    def __init__(self, pipeline, sampler, steps, args):
+        self.walk, self.T = walk_of(pipeline, sampler, steps, progress=True)[0], pipeline.scheduler.num_timesteps
         self.save_every, self.gif, self.gif_of = args.save_every, args.gif, args.gif_of
         self.gif_every = max(1, (self.T if sampler == "ddpm" else steps) // 50)
         self.calls, self.snapshots, self.frames = 0, {}, []
@@ -331,11 +436,12 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same samples")
     add_device_options(p, "network precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--out-dir", default=os.path.join(DEFAULT_OUT_DIR, "samples"), help="where the PNGs go")
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ddpm: all T ancestral steps (default); "
-                   "ddim, dpm++ (DPM-Solver++(2M)), dpm++sde (its stochastic form) or restart (Restart sampling): "
-                   "--steps network evaluations")
-    p.add_argument("--steps", type=int_list, default=None, help="steps of ddim / dpm++ / dpm++sde / restart, or a "
-                   "list like 5,10,20,50 for one grid each (default 50 for ddim, 20 for the others)")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="ddpm: all T ancestral steps (the default "
+                   "without --steps); fitted (the default with --steps): DPM-Solver++(2M) on timesteps fitted to the "
+                   "model; ddim, dpm++ (DPM-Solver++(2M)), dpm++sde (its stochastic form) or restart (Restart "
+                   "sampling): --steps network evaluations")
+    p.add_argument("--steps", type=int_list, default=None, help="network evaluations of the few-step samplers, or a "
+                   "list like 5,10,20 for one grid each (default 50 for ddim, 10 for fitted, 20 for the others)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
     p.add_argument("--label", type=int, default=None,
                    help="class to draw (conditional models); default: one row per class")
@@ -361,7 +467,10 @@ def parse_args(argv=None):
 
 
 def check_sampling_options(args, parser):
-    """Usage errors (exit 2) for the sampling options shared with evaluate.py; resolves args.device."""
+    """Usage errors (exit 2) for the sampling options shared with evaluate.py; resolves args.device and the
+    sampler: --steps alone asks for the fitted sampler, no option at all for the paper's DDPM."""
+    if args.sampler is None:
+        args.sampler = "fitted" if args.steps else "ddpm"
     if args.sampler != "ddpm" and args.steps is None:
         args.steps = [DEFAULT_STEPS[args.sampler]]
     if not 0.0 <= args.eta <= 1.0:
@@ -407,7 +516,7 @@ def main(argv=None):
 
     runs = [("ddpm", None)] if args.sampler == "ddpm" else [(args.sampler, s) for s in args.steps]
     for sampler, steps in runs:
-        recorder = Recorder(pipeline.scheduler, sampler, steps, args)
+        recorder = Recorder(pipeline, sampler, steps, args)
         start = time.perf_counter()
         images, _ = generate(pipeline, args.num_samples, seed=args.seed, batch_size=args.batch_size, sampler=sampler,
                              steps=steps, eta=args.eta, label=args.label, guidance_scale=args.guidance_scale,
