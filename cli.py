@@ -5,6 +5,7 @@ options, the one-sentence error, and the atomic file write.
 """
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 
@@ -79,10 +80,13 @@ def first_line(exc):
 
 
 # ---- files -------------------------------------------------------------------------------------------------
-def atomic_write(path, write, binary=False):
+def atomic_write(path, write, binary=False, previous=None):
     """Write a file whole or not at all: write(f) fills a hidden temporary file beside `path` (ending in .tmp),
     which is flushed to disk and renamed over `path`, and then the rename itself is made durable.  On any error
-    the file at `path` is as it was, the temporary file is removed, and the error is raised."""
+    the file at `path` is as it was, the temporary file is removed, and the error is raised.
+    With `previous`, the file that was at `path` is kept under that name: just before the new file's rename, it is
+    hard-linked to a temporary name (copied where the file system has no hard links) that is renamed onto
+    `previous`.  At every moment both names hold a complete file, so a write that dies halfway leaves both."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -90,6 +94,8 @@ def atomic_write(path, write, binary=False):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and os.path.isfile(path):
+            _keep_as(path, previous)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -97,6 +103,27 @@ def atomic_write(path, write, binary=False):
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)              # make the rename itself durable
+        os.fsync(dir_fd)              # make the renames durable
     finally:
         os.close(dir_fd)
+
+
+def _keep_as(path, previous):
+    """Put the file at `path` also under the name `previous`, atomically: a hard link (or, where links are not
+    possible, a copy flushed to disk) under a hidden temporary name, renamed onto `previous`."""
+    folder = os.path.dirname(os.path.abspath(previous))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(previous) + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.remove(tmp)                # os.link wants a free name
+        try:
+            os.link(path, tmp)
+        except OSError:               # no hard links here (some network and FUSE file systems, ...)
+            shutil.copyfile(path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, previous)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise

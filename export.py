@@ -4,10 +4,12 @@
     python export.py --ckpt runs/fm/ddpm_ckpt.pth --out fm.safetensors
 
 The file holds the EMA state dict (the weights sampling.py and evaluate.py use) and, in its string metadata:
-    format       SAFETENSORS_FORMAT ("ddpm-ema-v1")
+    format       SAFETENSORS_FORMAT ("ddpm-ema-v2")
     config       the whole training configuration, as JSON: the U-Net's shape, the noise schedule, the dataset,
                  the classes of a conditional model, ...
     prediction   what the network predicts ("eps" for checkpoints that do not say)
+    ddpm_sha256  the SHA-256 of the whole file as written with these 64 digits as zeros (sampling.seal_safetensors),
+                 which every load checks: safetensors itself has no checksum
 No optimizer, random states or counters: it cannot be resumed, only sampled.  safetensors holds only tensors
 and a JSON header, so loading it can run no code.  sampling.py --ckpt FILE.safetensors, evaluate.py --ckpt
 FILE.safetensors and sampling.load_model("FILE.safetensors") draw exactly the images the checkpoint draws.
@@ -19,7 +21,7 @@ import os
 from checkpoint import CheckpointError, load_checkpoint
 from cli import atomic_write, fail, first_line
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
-from sampling import SAFETENSORS_FORMAT
+from sampling import HASH_KEY, SAFETENSORS_FORMAT, seal_safetensors
 
 DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
 
@@ -31,10 +33,10 @@ def export(ckpt_path, out_path):
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
     metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(config),
-                "prediction": str(config.get("prediction", "eps"))}
+                "prediction": str(config.get("prediction", "eps")), HASH_KEY: "0" * 64}
     # contiguous copies on the CPU: safetensors stores dense row-major tensors and refuses shared memory
     weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in ckpt["ema"].items()}
-    data = save(weights, metadata=metadata)
+    data = seal_safetensors(save(weights, metadata=metadata))
     try:
         atomic_write(out_path, lambda f: f.write(data), binary=True)
     except OSError as e:

@@ -2,6 +2,8 @@
 lock that makes it one run's.
 
     OUT_DIR/ddpm_ckpt.pth              the checkpoint (checkpoint.py), which sampling.py and evaluate.py read
+    OUT_DIR/ddpm_ckpt.prev.pth         the save before it (checkpoint.previous_path), kept by every save, so that a
+                                       damaged checkpoint is not the end of the run
     OUT_DIR/loss_log.csv               one row an epoch: epoch, step, mean loss, images/s, seconds, and the FID
                                        where --fid-every measured it (empty elsewhere)
     OUT_DIR/loss_steps.csv             the mean loss of every 50 steps: step, epoch, loss, and the learning rate
@@ -21,6 +23,7 @@ from cli import atomic_write, fail
 
 DEFAULT_OUT_DIR = "default"
 CKPT_NAME = "ddpm_ckpt.pth"
+PREV_CKPT_NAME = "ddpm_ckpt.prev.pth"       # checkpoint.previous_path(CKPT_NAME)
 DEFAULT_CKPT = os.path.join(DEFAULT_OUT_DIR, CKPT_NAME)
 LOSS_LOG_NAME = "loss_log.csv"
 STEP_LOG_NAME = "loss_steps.csv"

@@ -17,6 +17,7 @@ The model, its noise schedule, image size and channels are all rebuilt from the 
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -282,7 +283,11 @@ def read_model(path, device):
 
 
 # ---- the exported weights: safetensors ------------------------------------------------------------------------
-SAFETENSORS_FORMAT = "ddpm-ema-v1"      # metadata["format"] of the files export.py writes
+SAFETENSORS_FORMAT = "ddpm-ema-v2"      # metadata["format"] of the files export.py writes
+# Written before exports carried their SHA-256: they load, with a note that they cannot be verified.
+UNVERIFIED_SAFETENSORS_FORMATS = ("ddpm-ema-v1",)
+HASH_KEY = "ddpm_sha256"                # metadata[HASH_KEY]: the SHA-256 of the file, with these 64 digits as zeros
+_noted = set()                          # the unverifiable files this process has already said so about
 
 
 def is_safetensors(path):
@@ -298,27 +303,73 @@ def is_safetensors(path):
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path)
 
 
+def _hash_field(digest):
+    """How the header's JSON holds metadata[HASH_KEY] (safetensors writes it compact: no spaces)."""
+    return b'"%s":"%s"' % (HASH_KEY.encode(), digest)
+
+
+def seal_safetensors(data):
+    """The bytes of safetensors.torch.save, whose metadata holds HASH_KEY as 64 zeros, with the zeros replaced by the
+    SHA-256 of those bytes: the header keeps its length and stays valid JSON, and every byte of the file (header,
+    padding and tensors) is covered."""
+    header = data[8:8 + int.from_bytes(data[:8], "little")]
+    field = _hash_field(b"0" * 64)
+    if header.count(field) != 1:
+        raise ValueError(f"the header does not hold {HASH_KEY} as 64 zeros once")
+    at = 8 + header.index(field) + len(field) - 65
+    return data[:at] + hashlib.sha256(data).hexdigest().encode() + data[at + 64:]
+
+
 def read_safetensors(path):
     """(EMA state dict, training configuration) of a file written by export.py, or CheckpointError in one
-    sentence: a missing, truncated or foreign file."""
-    from safetensors import SafetensorError, safe_open
+    sentence: a missing, truncated, damaged (its SHA-256 does not match) or foreign file.  A file written before
+    exports carried their SHA-256 loads with a one-line note on stderr, once per process."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
     if not os.path.isfile(path):
         raise CheckpointError(f"there is no safetensors file at {path}")
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            weights = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file; it may be truncated or another kind "
-                              f"of file ({first_line(e)})") from None
-    if metadata.get("format") != SAFETENSORS_FORMAT:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+    unreadable = f"{path} is not a readable safetensors file; it may be truncated or another kind of file"
+    try:
+        length = int.from_bytes(data[:8], "little")
+        if len(data) < 10 or not 2 <= length <= len(data) - 8:
+            raise ValueError("its header length does not fit the file")
+        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("its metadata is not a dictionary")
+    except (ValueError, AttributeError) as e:        # (json's errors are ValueErrors)
+        raise CheckpointError(f"{unreadable} ({first_line(e)})") from None
+    digest = metadata.get(HASH_KEY)
+    if digest is not None:
+        field = _hash_field(str(digest).encode())
+        header = data[8:8 + length]
+        if len(str(digest)) != 64 or header.count(field) != 1:
+            raise CheckpointError(f"{path} is damaged: the SHA-256 it was saved with is unreadable")
+        at = 8 + header.index(field) + len(field) - 65
+        if hashlib.sha256(data[:at] + b"0" * 64 + data[at + 64:]).hexdigest() != digest:
+            raise CheckpointError(f"{path} is damaged: its content does not match the SHA-256 it was saved with")
+    elif metadata.get("format") == SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path} is damaged: the SHA-256 it was saved with is missing from its metadata")
+    try:
+        weights = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{unreadable} ({first_line(e)})") from None
+    if metadata.get("format") not in (SAFETENSORS_FORMAT,) + UNVERIFIED_SAFETENSORS_FORMATS:
         raise CheckpointError(f"{path} is a safetensors file but not one written by this repository's export.py "
                               f"(its metadata has no format {SAFETENSORS_FORMAT!r})")
     try:
         config = json.loads(metadata["config"])
         assert isinstance(config, dict)
-    except (KeyError, ValueError, AssertionError):
+    except (KeyError, TypeError, ValueError, AssertionError):
         raise CheckpointError(f"{path} was written by export.py but its configuration is missing or damaged") from None
+    if digest is None and path not in _noted and int(os.environ.get("RANK", 0)) == 0:
+        _noted.add(path)
+        print(f"note: {path} was written before exports carried a SHA-256 of their content, so it cannot be "
+              f"verified", file=sys.stderr)
     return weights, config
 
 

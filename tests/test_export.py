@@ -1,5 +1,6 @@
 """export.py: the EMA weights as safetensors, sampled exactly as the checkpoint; bad files refused in one sentence."""
 import json
+import random
 import struct
 
 import pytest
@@ -7,9 +8,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint
 from conftest import run_script
-from sampling import SAFETENSORS_FORMAT, generate, load_model
+from sampling import HASH_KEY, SAFETENSORS_FORMAT, generate, load_model, read_safetensors
+from test_reliability import assert_refused_in_one_sentence, flip_a_byte
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def test_the_file_holds_the_ema_weights_and_the_configuration(good_checkpoint, e
         assert set(f.keys()) == set(ckpt["ema"])
         for name in f.keys():
             assert torch.equal(f.get_tensor(name), ckpt["ema"][name])
-    assert metadata["format"] == SAFETENSORS_FORMAT
+    assert metadata["format"] == SAFETENSORS_FORMAT and len(metadata[HASH_KEY]) == 64
     assert json.loads(metadata["config"]) == ckpt["config"]
     assert metadata["prediction"] == ckpt["config"].get("prediction", "eps")
     for key in ("in_channels", "image_size", "base_channels", "channel_mults", "schedule", "num_timesteps",
@@ -101,3 +103,29 @@ def test_export_refuses_a_missing_checkpoint_and_to_overwrite_the_checkpoint(goo
     itself = run_script("export.py", "--ckpt", good_checkpoint, "--out", good_checkpoint, check=False)
     assert itself.returncode == 1 and "is the checkpoint itself" in itself.stderr
     assert load_checkpoint(good_checkpoint)["format"]                   # untouched
+
+
+def test_an_export_with_any_one_byte_changed_is_refused_in_one_sentence(exported, data_dir, tmp_path):
+    """safetensors has no checksum: the SHA-256 in the metadata covers every byte, header and padding included."""
+    data, rng = exported.read_bytes(), random.Random(32)
+    bad = tmp_path / "bad.safetensors"
+    for i in range(100):
+        bad.write_bytes(flip_a_byte(data, rng))
+        with pytest.raises(CheckpointError) as refused:
+            read_safetensors(str(bad))
+        assert str(bad) in str(refused.value) and "\n" not in str(refused.value)
+        if i < 2:
+            result = run_script("sampling.py", "--ckpt", bad, "--out-dir", tmp_path / "s", check=False)
+            assert_refused_in_one_sentence(result, str(bad))
+            assert not (tmp_path / "s").exists()
+    result = run_script("evaluate.py", "--ckpt", bad, "--data-dir", data_dir, "--cache-dir", tmp_path, check=False)
+    assert_refused_in_one_sentence(result, str(bad))
+
+
+def test_an_export_of_the_new_format_without_its_sha256_is_refused(exported, tmp_path):
+    with safe_open(str(exported), framework="pt") as f:
+        metadata, weights = f.metadata(), {name: f.get_tensor(name) for name in f.keys()}
+    del metadata[HASH_KEY]
+    save_file(weights, str(tmp_path / "stripped.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match="is damaged: the SHA-256 it was saved with is missing"):
+        read_safetensors(str(tmp_path / "stripped.safetensors"))

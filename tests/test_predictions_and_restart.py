@@ -162,6 +162,7 @@ def test_a_checkpoint_from_before_the_prediction_option_trains_on_and_samples_as
     ckpt = torch.load(good_checkpoint, map_location="cpu", weights_only=False)
     assert ckpt["config"]["prediction"] == "eps"
     del ckpt["config"]["prediction"]
+    ckpt["format"] = "ddpm-checkpoint-v1"          # as written then: no SHA-256 either
     old = tmp_path / "old"
     old.mkdir()
     torch.save(ckpt, old / "ddpm_ckpt.pth")

@@ -1,7 +1,9 @@
-"""Nothing lost: interrupted runs, atomic and failed checkpoint writes, non-finite values."""
+"""Nothing lost: interrupted runs, atomic and failed checkpoint writes, damaged files, non-finite values."""
 import csv
 import errno
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,8 +13,10 @@ import pytest
 import torch
 
 import checkpoint as checkpoint_module
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+import cli
+from checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from conftest import ROOT, TINY_MODEL, run_script
+from run_folder import CKPT_NAME, PREV_CKPT_NAME
 from test_scripts import assert_same_tensors, load
 
 
@@ -100,7 +104,7 @@ def test_sampling_refuses_non_finite_weights(train_tiny, tmp_path):
     state = load(tmp_path / "run" / "ddpm_ckpt.pth")
     first = next(iter(state["ema"]))
     state["ema"][first] = torch.full_like(state["ema"][first], float("nan"))
-    torch.save(state, tmp_path / "nan.pth")
+    save_checkpoint(state, str(tmp_path / "nan.pth"))
     result = run_script("sampling.py", "--ckpt", tmp_path / "nan.pth", "--out-dir", tmp_path / "s", check=False)
     assert result.returncode == 1 and "not finite" in result.stderr and "Traceback" not in result.stderr
 
@@ -264,3 +268,112 @@ def test_sigkill_after_a_timed_save_leaves_no_lock_and_resume_is_bit_exact(data_
     epoch_rows = [[(r["epoch"], r["step"], r["loss"]) for r in csv.DictReader(open(d / "loss_log.csv"))]
                   for d in (killed, tmp_path / "straight")]
     assert epoch_rows[0] == epoch_rows[1]
+
+
+# ---- damaged files: the SHA-256 of checkpoints and exports, and the previous save ------------------------------
+def flip_a_byte(data, rng):
+    """`data` with the byte at a random position changed to another value."""
+    changed = bytearray(data)
+    position = rng.randrange(len(changed))
+    changed[position] = (changed[position] + rng.randrange(1, 256)) % 256
+    return bytes(changed)
+
+
+def assert_refused_in_one_sentence(result, *words):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr and all(w in lines[0] for w in words), (lines[0], words)
+
+
+def test_a_checkpoint_with_any_one_byte_changed_is_refused_in_one_sentence(good_checkpoint, tmp_path):
+    """torch.load does not check the zip's CRC-32s: every byte, the trailer and the zip's records included, is covered
+    by the SHA-256 at the end of the file."""
+    data, rng = good_checkpoint.read_bytes(), random.Random(32)
+    bad = tmp_path / "bad.pth"
+    for i in range(100):
+        bad.write_bytes(flip_a_byte(data, rng))
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(str(bad))
+        assert f"{bad} is damaged: " in str(refused.value) and "\n" not in str(refused.value)
+        if i < 2:                          # through the scripts, as a user meets it: one sentence, exit 1
+            result = run_script("sampling.py", "--ckpt", bad, "--out-dir", tmp_path / "s", check=False)
+            assert_refused_in_one_sentence(result, f"{bad} is damaged")
+            assert not (tmp_path / "s").exists()
+    result = run_script("export.py", "--ckpt", bad, "--out", tmp_path / "m.safetensors", check=False)
+    assert_refused_in_one_sentence(result, f"{bad} is damaged")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_each_save_keeps_the_one_before_and_a_save_that_fails_halfway_leaves_both(tmp_path, monkeypatch):
+    path, prev = tmp_path / CKPT_NAME, tmp_path / PREV_CKPT_NAME
+    assert previous_path(str(path)) == str(prev)          # the name run_folder.py gives it
+
+    def state(step):
+        return dict(format=CHECKPOINT_FORMAT, config={}, model={"w": torch.full((3,), float(step))}, ema={},
+                    optimizer={}, epoch=0, batch_in_epoch=step, step=step)
+    save_checkpoint(state(1), str(path))
+    assert not prev.exists()
+    save_checkpoint(state(2), str(path))
+    assert load_checkpoint(str(prev))["step"] == 1 and load_checkpoint(str(path))["step"] == 2
+    kept = {p: p.read_bytes() for p in (path, prev)}
+
+    def dies_in_torch_save(obj, f):
+        f.write(b"partial data")
+        raise RuntimeError("killed halfway")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint_module.torch, "save", dies_in_torch_save)
+        with pytest.raises(CheckpointError, match="killed halfway"):
+            save_checkpoint(state(3), str(path))
+    assert {p: p.read_bytes() for p in (path, prev)} == kept and sorted(os.listdir(tmp_path)) == sorted(
+        [CKPT_NAME, PREV_CKPT_NAME])
+
+    real_replace = os.replace
+
+    def dies_at_the_last_rename(src, dst):
+        if str(dst) == str(path):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+    with monkeypatch.context() as m:          # the previous save has moved on, the new one never arrives
+        m.setattr(cli.os, "replace", dies_at_the_last_rename)
+        with pytest.raises(CheckpointError, match="Input/output error"):
+            save_checkpoint(state(3), str(path))
+    assert path.read_bytes() == kept[path] and load_checkpoint(str(prev))["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == sorted([CKPT_NAME, PREV_CKPT_NAME])
+
+    with monkeypatch.context() as m:          # a file system without hard links: the previous save is copied
+        m.setattr(cli.os, "link", lambda src, dst: (_ for _ in ()).throw(OSError(errno.EPERM, "no links")))
+        save_checkpoint(state(4), str(path))
+    assert load_checkpoint(str(prev))["step"] == 2 and load_checkpoint(str(path))["step"] == 4
+    assert sorted(os.listdir(tmp_path)) == sorted([CKPT_NAME, PREV_CKPT_NAME])
+
+
+def test_files_of_before_the_sha256_still_load_and_say_once_that_they_cannot_be_verified(good_checkpoint, tmp_path,
+                                                                                        capsys):
+    """A checkpoint and an export as the code before the SHA-256 wrote them (format v1, torch.save and
+    safetensors' save as they come); a file of the new format without its SHA-256 is refused as damaged."""
+    from safetensors.torch import save_file
+
+    from sampling import read_safetensors
+    state = load(good_checkpoint)
+    for key in ("launch_id", "launch_seconds"):
+        state.pop(key, None)                        # (fields added since)
+    state["format"] = "ddpm-checkpoint-v1"
+    old_ckpt, old_export = tmp_path / "old.pth", tmp_path / "old.safetensors"
+    torch.save(state, old_ckpt)
+    save_file({k: v.contiguous() for k, v in state["ema"].items()}, str(old_export),
+              metadata={"format": "ddpm-ema-v1", "config": json.dumps(state["config"]), "prediction": "eps"})
+    capsys.readouterr()
+    for _ in range(2):
+        assert_same_tensors(load_checkpoint(str(old_ckpt))["ema"], state["ema"])
+        weights, config = read_safetensors(str(old_export))
+        assert_same_tensors(weights, state["ema"])
+        assert config == state["config"]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"note: {old_ckpt} was written before checkpoints carried a SHA-256 of their content, so it "
+                   f"cannot be verified", f"note: {old_export} was written before exports carried a SHA-256 of their "
+                   f"content, so it cannot be verified"]
+
+    state["format"] = CHECKPOINT_FORMAT           # the new format, its trailer gone
+    torch.save(state, old_ckpt)
+    with pytest.raises(CheckpointError, match="is damaged: the SHA-256 it was saved with is missing"):
+        load_checkpoint(str(old_ckpt))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from checkpoint import save_checkpoint
 from conftest import run_script
 
 
@@ -143,7 +144,7 @@ def bad_checkpoints(folder, good):
     mismatched = load(good)
     mismatched["config"]["base_channels"] *= 2          # weights no longer fit the configuration
     files["mismatched"] = folder / "mismatched.pth"
-    torch.save(mismatched, files["mismatched"])
+    save_checkpoint(mismatched, str(files["mismatched"]))     # intact, so that the loader gets to the weights
     Evil.marker = str(folder / "pwned")
     with open(files["evil"], "wb") as f:
         pickle.dump({"format": "ddpm-checkpoint-v1", "model": Evil()}, f)

@@ -90,7 +90,8 @@ def test_a_new_run_trains_with_min_snr_and_an_old_plain_checkpoint_resumes_with_
     straight = train_tiny(data_dir, tmp_path / "straight", "--loss", "plain", "--epochs", "2")
     train_tiny(data_dir, tmp_path / "recorded", "--loss", "plain", "--epochs", "1")
     old = train_tiny(data_dir, tmp_path / "old", "--loss", "plain", "--epochs", "1")
-    del old["config"]["loss"], old["config"]["min_snr_gamma"]          # as written before --loss existed
+    del old["config"]["loss"], old["config"]["min_snr_gamma"]          # as written before --loss existed,
+    old["format"] = "ddpm-checkpoint-v1"                               # and before the SHA-256
     torch.save(old, tmp_path / "old" / "ddpm_ckpt.pth")
     for name in ("recorded", "old"):
         resumed = train_tiny(data_dir, tmp_path / name, "--resume", "--epochs", "2")
