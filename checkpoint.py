@@ -12,7 +12,9 @@ or to sample from it:
     loss_sum, loss_count   the running loss of the epoch in progress
     window_sum, window_count   the running loss of loss_steps.csv's row in progress
     fid_seconds   the training time since the last --fid-every measurement
-(epoch to fid_seconds: training.RunState, saved and restored under these names.)
+    launch_seconds   the seconds this launch has trained, over its torchrun restarts (--max-minutes' budget)
+    launch_id     the torchrun launch that wrote it (training.launch_id; None outside torchrun)
+(epoch to launch_seconds: training.RunState, saved and restored under these names.)
 The file is torch.save's zip with an archive comment at its end, b"ddpm-sha256:" and the SHA-256 (64 hex digits) of
 every byte before it, so that any changed byte is found on loading: torch.load does not check the zip's CRC-32s.
 Zip readers, torch.load among them, read past the comment.  The save before the latest is kept beside it

@@ -5,12 +5,15 @@ activations (NCHW or NHWC), the timed speed probe that chooses the fastest of th
 
 improved-diffusion keeps these apart from the diffusion math in the same way (`dist_util.py`, `fp16_util.py`):
 `unet.py` is the network, `noise_scheduler.py` the math, and the scripts ask this module how to run them.
-`setup_distributed` gives each process that torchrun starts its device.
+`setup_distributed` gives each process that torchrun starts its device and its process group, and `on_rank_0` runs
+what rank 0 does alone while the others wait for it.
 """
 import contextlib
+import datetime
 import json
 import math
 import os
+import threading
 import time
 
 import torch
@@ -43,8 +46,23 @@ def pick_device(name="auto"):
     return device
 
 
-def setup_distributed(device_name):
-    """(rank, world_size, device).  torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1."""
+# A process of a torchrun run that stops answering (dead, stopped, deadlocked, on a lost host) makes the others fail
+# after this long without progress in a collective, instead of gloo's 30 minutes (NCCL's 10), so that torchrun,
+# which only watches exit codes, restarts the run.  Inside a collective the processes wait only for each other's
+# step (seconds; the first step's compilation with --compile); what rank 0 does alone (the speed probe, a checkpoint
+# write, a sample grid, an FID measurement) others wait for in on_rank_0, however long it takes while rank 0 lives.
+DIST_TIMEOUT_MINUTES = 5.0
+HEARTBEAT_SECONDS = 1.0               # how often rank 0 says it lives while it works alone (on_rank_0)
+_group = {}                           # this process's store (its attempt's namespace), timeout and on_rank_0 calls
+
+
+def setup_distributed(device_name, timeout_minutes=DIST_TIMEOUT_MINUTES):
+    """(rank, world_size, device).  torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain run is rank 0 of 1.
+    The process group's collectives fail after `timeout_minutes` without progress.  Its keys go into a namespace
+    of this torchrun attempt (TORCHELASTIC_RESTART_COUNT): torchrun's agent serves one TCPStore, at the same
+    MASTER_PORT, to every attempt of a launch, and without it a restarted process could read the address that its
+    peer published in the attempt before, a closed port ("Gloo connectFullMesh failed ... Connection refused").
+    (The count is the same on every node as long as the whole group restarts together, as torchrun does.)"""
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
         return 0, 1, pick_device(device_name)
     rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -52,8 +70,83 @@ def setup_distributed(device_name):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)      # else rank 0 serves it
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_store, timeout=timeout, multi_tenant=True)
+    store = dist.PrefixStore(f"ddpm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            timeout=timeout)
+    _group.update(store=store, timeout=timeout, calls=0)
     return rank, world, device
+
+
+class PeerLost(Exception):
+    """Another process of the run stopped answering: the message says which and how long it was waited for."""
+
+
+def peer_lost(error):
+    """Whether an exception raised under torchrun says that another process died or stopped answering: PeerLost, or
+    a collective that timed out or lost its connection (gloo raises a plain RuntimeError naming itself)."""
+    if isinstance(error, (PeerLost, dist.DistError)):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and dist.is_initialized() and (
+        "gloo" in text or "NCCL" in text or "Timed out" in text or "Connection" in text)
+
+
+def on_rank_0(work):
+    """work() on rank 0 alone while the other processes wait for it: its result on rank 0, None elsewhere (and
+    work() itself in a run of one process, or outside setup_distributed's process group).  An FID
+    measurement or a large grid may take longer than the process group's timeout, so the others do not wait in a
+    collective: rank 0 beats a heartbeat into the store every HEARTBEAT_SECONDS while it works, and a waiting process
+    raises PeerLost only when no beat came for the timeout (rank 0 died, stopped, or lost its host; one alive but
+    stuck inside work() is not seen here).  If work() fails on rank 0 (an exception, or cli.fail's exit), the
+    others exit 1 without a word of their own, rank 0 having said why."""
+    if not (dist.is_initialized() and "store" in _group):
+        return work()
+    store, timeout = _group["store"], _group["timeout"].total_seconds()
+    _group["calls"] += 1
+    key = f"rank0_work_{_group['calls']}"
+    if dist.get_rank() == 0:
+        done = threading.Event()
+
+        def beat():
+            n = 0
+            try:
+                while True:
+                    store.set(f"{key}/beat", str(n))
+                    n += 1
+                    if done.wait(HEARTBEAT_SECONDS):
+                        return
+            except (RuntimeError, ValueError):          # the store is gone: the waiting processes will say so
+                return
+        heart = threading.Thread(target=beat, daemon=True)
+        heart.start()
+        outcome = "failed"
+        try:
+            result = work()
+            outcome = "done"
+            return result
+        finally:
+            done.set()
+            heart.join()
+            store.set(f"{key}/end", outcome)
+    last, heard, looked = None, time.monotonic(), 0.0
+    while not store.check([f"{key}/end"]):    # (store.wait would log a warning at each of its timeouts)
+        time.sleep(0.02)
+        if time.monotonic() - looked < HEARTBEAT_SECONDS:
+            continue
+        looked = time.monotonic()                          # has rank 0 beaten since?
+        beat = store.get(f"{key}/beat") if store.check([f"{key}/beat"]) else None
+        if beat != last:
+            last, heard = beat, looked
+        elif looked - heard > timeout:
+            raise PeerLost(f"process 0 has not been heard from for {timeout / 60:g} minutes (--dist-timeout) "
+                           f"while the others waited for it")
+    if store.get(f"{key}/end") != b"done":
+        raise SystemExit(1)
+    return None
 
 
 def describe_device(device):

@@ -9,7 +9,8 @@ lock that makes it one run's.
     OUT_DIR/loss_steps.csv             the mean loss of every 50 steps: step, epoch, loss, and the learning rate
                                        of the row's last step (lr)
     OUT_DIR/samples/epoch_NNN.png      grids of samples drawn during training
-    OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside
+    OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside (written
+                                       once the run goes ahead: a refused --resume leaves every file as it was)
 
 Importing this module has no side effects; visualize.py reads the names of the logs from here.
 """
@@ -47,10 +48,12 @@ _fork_hook = False        # whether _close_lock_file runs in forked children (re
 
 
 def lock_run_folder(folder):
-    """One run per output folder: take an exclusive advisory lock (flock) on folder/.lock and write this
-    process's PID into it, for the rest of the process's life.  The kernel drops the lock when the process
-    ends, however it ends, so a killed run never leaves a stale lock.  If another live run holds it, exit 1
-    with one sentence naming the folder and that run's PID."""
+    """One run per output folder: take an exclusive advisory lock (flock) on folder/.lock for the rest of the
+    process's life; claim_run_folder() then writes this process's PID into it, once the run goes ahead (until
+    then the file, if it was there, is unchanged: a run refused after locking, say for a damaged checkpoint,
+    changes no file).  The kernel drops the lock when the process ends, however it ends, so a killed run never
+    leaves a stale lock.  If another live run holds it, exit 1 with one sentence naming the folder and that
+    run's PID."""
     global _folder_lock, _fork_hook
     _close_lock_file()                    # main() called again in the same process (tests)
     if not _fork_hook:
@@ -63,22 +66,42 @@ def lock_run_folder(folder):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = ""
-            for _ in range(10):           # the holder writes its PID right after locking
-                f.seek(0)
+            for _ in range(10):           # the holder writes its PID soon after locking; until then the file may
+                f.seek(0)                 # hold the PID of an earlier run, which has ended
                 holder = f.read().strip()
-                if holder:
+                if holder and _alive(holder):
                     break
+                holder = ""
                 time.sleep(0.05)
             f.close()
             fail(f"the output folder {folder} is in use by another training run (PID {holder or 'unknown'}); "
                  f"wait for it to end or stop it, or pass another --out-dir")
+    except OSError as e:
+        fail(f"cannot lock the output folder {folder} ({path}: {e.strerror})")
+    _folder_lock = f
+
+
+def _alive(pid):
+    """Whether the text `pid` names a live process."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (ValueError, OverflowError):
+        return False
+    except PermissionError:       # alive, someone else's
+        pass
+    return True
+
+
+def claim_run_folder():
+    """Write this process's PID into the lock file that lock_run_folder locked, for a second run to name."""
+    f = _folder_lock
+    if f is not None:
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")
         f.flush()
-    except OSError as e:
-        fail(f"cannot lock the output folder {folder} ({path}: {e.strerror})")
-    _folder_lock = f
 
 
 def _close_lock_file():
@@ -101,19 +124,23 @@ def append_csv(path, header, row):
         writer.writerow(row)
 
 
-def drop_step_log_rows_after(path, step):
-    """On --resume from `step`: remove the rows of loss_steps.csv that the stopped run wrote after its last
-    checkpoint (a SIGKILL between a row and the next save), since the resumed run writes them again.
-    A row cut short by the kill goes too: a row is kept only if it is as long as the header (3 columns in a
-    file written before the lr column, 4 since).  The file is replaced atomically, and only if a row goes."""
+def drop_log_rows_after(path, step):
+    """On --resume from `step` (and on a torchrun restart): remove the rows of a log (loss_steps.csv,
+    loss_log.csv) whose step is past the checkpoint's, which the stopped run wrote after its last save (a SIGKILL
+    between a row and the next save), since the resumed run writes them again.  A row cut short by the kill goes
+    too: a row is kept only if it is as long as the header (in loss_steps.csv 3 columns in a file written before
+    the lr column, 4 since).  The file is replaced atomically, and only if a row goes."""
     if not os.path.exists(path):
         return
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    column = rows[0].index("step")
 
     def kept(row):
         try:
-            return len(row) == len(rows[0]) and int(row[0]) <= step
+            return len(row) == len(rows[0]) and int(row[column]) <= step
         except ValueError:
             return False
     keep = rows[:1] + [row for row in rows[1:] if kept(row)]

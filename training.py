@@ -13,6 +13,8 @@ step, saves the position inside the epoch and exits (130 / 143); --resume contin
 same result, bit for bit on the CPU, as a run that was never stopped.  The checkpoint is also saved
 mid-epoch every --save-every-minutes (5), so a SIGKILL or a power cut loses at most that much training.
 A run holds a lock on <out-dir>/.lock for its whole life: a second run on the same folder is refused.
+Under torchrun --max-restarts, a restarted attempt resumes the checkpoint its own launch saved, and a process
+that stops answering makes the others fail after --dist-timeout, so that torchrun restarts them.
 
 Reading order: algorithm 1's pieces (diffusion_loss, learning_rate, ema_update), then the run that repeats them
 (RunState, Trainer, main), then its machinery: options, signals, the speed probe, the plan and the sample grids.
@@ -22,6 +24,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -43,6 +46,7 @@ from checkpoint import (
 from cli import (
     add_device_options,
     fail,
+    first_line,
     fraction,
     int_list,
     non_negative_float,
@@ -52,7 +56,18 @@ from cli import (
 )
 from dataset import DATASETS, NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
 from evaluate import EvalError, fid_of, reference_data
-from hardware import LAYOUT_NAMES, LAYOUT_NAMES_INV, autocast, choose_speed, memory_format, setup_distributed
+from hardware import (
+    DIST_TIMEOUT_MINUTES,
+    LAYOUT_NAMES,
+    LAYOUT_NAMES_INV,
+    PeerLost,
+    autocast,
+    choose_speed,
+    memory_format,
+    on_rank_0,
+    peer_lost,
+    setup_distributed,
+)
 from noise_scheduler import PREDICTIONS, SCHEDULES, make_scheduler
 from run_folder import (
     CKPT_NAME,
@@ -64,7 +79,8 @@ from run_folder import (
     add_missing_columns,
     append_csv,
     check_writable,
-    drop_step_log_rows_after,
+    claim_run_folder,
+    drop_log_rows_after,
     lock_run_folder,
 )
 from sampling import DEFAULT_GUIDANCE, FID_SAMPLER, Pipeline, generate, model_config, save_grid
@@ -167,6 +183,7 @@ class RunState:
     window_sum: float = 0.0     # the running loss of loss_steps.csv's row in progress
     window_count: int = 0
     fid_seconds: float = 0.0    # --fid-every: seconds of training since the last FID measurement (or the start)
+    launch_seconds: float = 0.0  # seconds this launch has trained, over its torchrun restarts: --max-minutes' budget
 
     def to_checkpoint(self):
         return dataclasses.asdict(self)
@@ -192,11 +209,12 @@ class Trainer:
 
     def __init__(self, args, parser):
         """Set up the run: the processes and the device, the output folder (checked and locked), the checkpoint
-        to continue on --resume, and the run's configuration (checked against that checkpoint)."""
+        to continue on --resume or on a torchrun restart, and the run's configuration (checked against that
+        checkpoint).  A refused run changes no file in the folder."""
         if args.resume and args.overwrite:
             parser.error("--resume and --overwrite exclude each other")
         try:
-            self.rank, self.world, self.device = setup_distributed(args.device)
+            self.rank, self.world, self.device = setup_distributed(args.device, args.dist_timeout)
         except ValueError as e:
             parser.error(str(e))
         self.args, self.parser, self.master = args, parser, self.rank == 0
@@ -206,21 +224,45 @@ class Trainer:
         if self.master:      # the folder is this run's before anything in it is read: one run per folder
             check_writable(args.out_dir)
             lock_run_folder(args.out_dir)
-        if self.world > 1:   # the other processes wait for it
-            dist.barrier()
-        self.ckpt = None
-        if args.resume:
-            try:
-                self.ckpt = load_checkpoint(self.ckpt_path)
-            except CheckpointError as e:
-                fail(f"cannot resume: {e}")
-        elif os.path.exists(self.ckpt_path) and not args.overwrite:
-            fail(f"{self.ckpt_path} already holds a training run; pass --resume to continue it, "
-                 f"--overwrite to replace it, or --out-dir to train somewhere else")
+        self.launch = launch_id()
+        if self.world > 1:   # the other processes wait for it, and take its launch id
+            shared = [self.launch]
+            dist.broadcast_object_list(shared, src=0)
+            self.launch = shared[0]
+        self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))    # torchrun's attempt: 0, 1, ...
+        self.ckpt, self.restarted = self.checkpoint_to_continue(), False
+        if self.ckpt is not None and self.restart and self.launch is not None:
+            self.restarted = self.ckpt.get("launch_id") == self.launch
         self.config = resolve_config(args, parser, self.ckpt)
         if self.config["batch_size"] % self.world:
             parser.error(f"--batch-size {self.config['batch_size']} does not divide over {self.world} processes")
+        if self.master:
+            claim_run_folder()                       # the run goes ahead: its PID goes into the lock file
         self.state = RunState()
+
+    def checkpoint_to_continue(self):
+        """The checkpoint this run continues, or None for a new run.  --resume continues the checkpoint in
+        --out-dir.  A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0, the same command line as the attempt
+        before) continues the checkpoint its own launch saved (launch_id), whatever the options; where its
+        launch saved none, it starts as the first attempt did: it never starts over on top of its own run, and
+        resumes a different run's checkpoint only with --resume."""
+        args = self.args
+        exists = os.path.exists(self.ckpt_path)
+        if not (args.resume or (self.restart and exists)):
+            if exists and not args.overwrite:
+                fail(f"{self.ckpt_path} already holds a training run; pass --resume to continue it, "
+                     f"--overwrite to replace it, or --out-dir to train somewhere else")
+            return None
+        try:
+            ckpt = load_checkpoint(self.ckpt_path)
+        except CheckpointError as e:
+            fail(f"cannot resume: {e}")
+        if args.resume or (self.launch is not None and ckpt.get("launch_id") == self.launch):
+            return ckpt
+        if not args.overwrite:
+            fail(f"{self.ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
+                 f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
+        return None
 
     def load_data(self):
         """The training images that x_0 ~ q(x_0) draws from (uint8, in memory or streamed from a folder) and their
@@ -284,6 +326,8 @@ class Trainer:
         self.ema.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.state = s = RunState.from_checkpoint(ckpt)
+        if not self.restarted:
+            s.launch_seconds = 0.0     # --resume --max-minutes M trains M minutes more; a torchrun restart, the rest
         states = ckpt.get("rng", [])
         if len(states) == self.world:
             set_rng_state(states[self.rank], self.generator)
@@ -291,8 +335,12 @@ class Trainer:
             print(f"note: the checkpoint's random states are for {len(states)} process(es), this run has "
                   f"{self.world}; the run continues, but not bit for bit")
         if self.master:
-            print(f"resuming {self.ckpt_path}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, step {s.step}")
-            drop_step_log_rows_after(os.path.join(self.args.out_dir, STEP_LOG_NAME), s.step)
+            restart = f"torchrun restart {self.restart}: " if self.restarted else ""
+            mine = ", which this launch saved" if self.restarted else ""
+            print(f"{restart}resuming {self.ckpt_path}{mine}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, "
+                  f"step {s.step}")
+            for log in (STEP_LOG_NAME, LOSS_LOG_NAME):       # rows written after the checkpoint are written again
+                drop_log_rows_after(os.path.join(self.args.out_dir, log), s.step)
             add_missing_columns(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER)   # logs of older
             add_missing_columns(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER)   # versions
 
@@ -314,7 +362,8 @@ class Trainer:
         self.last_epoch = math.inf if args.max_minutes and args.epochs is None else config["epochs"]
         self.epoch_steps, self.first_step = self.last_epoch * self.batches_per_epoch, self.state.step
         self.total_steps, self.started = self.epoch_steps, time.monotonic()
-        self.deadline = self.started + 60 * args.max_minutes if args.max_minutes else None
+        self.launch_seconds = self.state.launch_seconds     # spent by this launch's earlier attempts
+        self.deadline = self.started + 60 * args.max_minutes - self.launch_seconds if args.max_minutes else None
         self.save_every = 60 * args.save_every_minutes or None        # seconds between timed mid-epoch saves
         self.next_save = self.started + self.save_every if self.save_every else None
         if self.master:
@@ -413,22 +462,22 @@ class Trainer:
             self.next_save = time.monotonic() + self.save_every
 
     def end_epoch(self, seconds, images_per_s):
-        """After the epoch's last batch: the next epoch's counters, the checkpoint, and on rank 0 a row of
-        loss_log.csv, a line of progress and, from time to time, a grid of samples."""
+        """After the epoch's last batch: the next epoch's counters, on rank 0 a row of loss_log.csv, the checkpoint,
+        and on rank 0 a line of progress and, from time to time, a grid of samples (the others wait for it)."""
         s = self.state
         mean_loss = s.loss_sum / max(1, s.loss_count)
         s.epoch, s.batch_in_epoch, s.loss_sum, s.loss_count = s.epoch + 1, 0, 0.0, 0
         fid = self.fid_if_due()
+        if self.master:     # the row before the save: after a kill between them, --resume drops it and writes it again
+            self.log_epoch(s.epoch, mean_loss, images_per_s, seconds, fid)
         self.save()
         if self.save_every:
             self.next_save = time.monotonic() + self.save_every
-        if not self.master:
-            return
-        grid = self.preview_if_due()
-        self.log_epoch(s.epoch, mean_loss, images_per_s, seconds, fid)
-        print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s"
-              + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
-              + (f" and {grid}" if grid else ""))
+        grid = on_rank_0(self.preview_if_due)
+        if self.master:
+            print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s"
+                  + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
+                  + (f" and {grid}" if grid else ""))
 
     def fid_if_due(self, last=False):
         """--fid-every: after the first epoch that ends once that many minutes of training have passed since the
@@ -438,10 +487,15 @@ class Trainer:
         as one without.  Returns it, or None."""
         s, args, now = self.state, self.args, time.monotonic()
         s.fid_seconds, self.fid_clock = s.fid_seconds + now - self.fid_clock, now
-        if not args.fid_every or not (s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last):
+        if not args.fid_every:
             return None
-        fid = None
-        if self.master:
+        due = [s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last]
+        if self.world > 1:       # rank 0's clock decides for all: the others wait for the measurement it makes
+            dist.broadcast_object_list(due, src=0)
+        if not due[0]:
+            return None
+
+        def measure():
             start = time.monotonic()
             pipeline = Pipeline(self.ema, self.scheduler, self.device, "fp32", self.config)
             devices = [self.device] if self.device.type == "cuda" else []
@@ -453,8 +507,8 @@ class Trainer:
                 fail(f"--fid-every: {e}")
             print(f"FID {fid:.2f} at N = {args.fid_samples} at step {s.step}, measured in "
                   f"{time.monotonic() - start:.1f} s")
-        if self.world > 1:
-            dist.barrier()
+            return fid
+        fid = on_rank_0(measure)
         s.fid_seconds, self.fid_clock = 0.0, time.monotonic()
         return fid
 
@@ -474,24 +528,26 @@ class Trainer:
         return grid
 
     def save(self):
-        """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite."""
+        """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
+        with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
         states = [None] * self.world
         if self.world > 1:
             dist.all_gather_object(states, rng_state(self.generator))
         else:
             states = [rng_state(self.generator)]
-        if self.master:
+        self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
+
+        def write():
             if not (all_finite(self.model.state_dict()) and all_finite(self.ema.state_dict())):
                 fail(f"the weights are not finite at step {self.state.step}; the last good checkpoint "
                      f"{self.ckpt_path} is kept")
             try:
                 save_checkpoint(dict(format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(),
                                      ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(), rng=states,
-                                     **self.state.to_checkpoint()), self.ckpt_path)
+                                     launch_id=self.launch, **self.state.to_checkpoint()), self.ckpt_path)
             except CheckpointError as e:
                 fail(str(e))
-        if self.world > 1:
-            dist.barrier()
+        on_rank_0(write)
 
     def stop(self, by_signal):
         """Save the position inside the epoch and say how to continue.  Returns the exit code: 128 + the signal's
@@ -550,6 +606,9 @@ def main(argv=None):
     trainer.build()                                       # epsilon_theta, its EMA, AdamW, the noise schedule
     trainer.restore()                                     # --resume: weights, optimizer, counters, random states
     trainer.start()                                       # Ctrl-C and SIGTERM taken over; the plan and the clock
+    if trainer.deadline is not None and trainer.deadline <= trainer.started:    # a torchrun restart after the end
+        trainer.finish()
+        return
     try:
         while trainer.state.epoch < trainer.last_epoch:
             seconds, images_per_s = trainer.train_epoch()
@@ -622,6 +681,12 @@ def build_parser():
     a("--save-every-minutes", type=non_negative_float, default=SAVE_EVERY_MINUTES, help="also save the checkpoint "
       f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "
       f"at the end of each epoch (default {SAVE_EVERY_MINUTES:g})")
+    a("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES", help="under torchrun: "
+      "a process that has waited this long in a collective for another (dead, stopped, hung) fails, so that "
+      "torchrun --max-restarts restarts the run from its last checkpoint; inside a collective the processes only "
+      "wait for each other's step, and for what rank 0 does alone (the speed probe, a checkpoint write, a sample "
+      "grid, an FID measurement) the others wait as long as rank 0 lives (default "
+      f"{DIST_TIMEOUT_MINUTES:g}; gloo's own is 30)")
     return p
 
 
@@ -681,14 +746,34 @@ def training_speed(model, device, precision_option, config, master, world):
     layout it started with, so that it goes on bit for bit, unless a precision is forced."""
     if precision_option == "auto" and "precision" in config:
         return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
-    decision = [None, None, None]
-    if master:
+
+    def probe():
         precision, layout, note = choose_speed(model, device, precision_option, training=True,
                                                batch_size=config["batch_size"] // world)
-        decision = [precision, LAYOUT_NAMES[layout], note]
+        return [precision, LAYOUT_NAMES[layout], note]
+    decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
     if world > 1:
         dist.broadcast_object_list(decision, src=0)
     return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
+
+
+def launch_id():
+    """The torchrun launch this process belongs to, the same in every attempt of it and in no other launch, or None
+    outside torchrun.  TORCHELASTIC_RUN_ID is torchrun's rendezvous id: a new UUID for every launch with
+    --standalone (and on one node without --master-port); where it is torchrun's default "none" (--rdzv-backend
+    static: --master-port, or several nodes without --rdzv-id), the launch is its agent process, which stays
+    the same over the restarts: the parent process, by the machine's boot, its PID and its start time."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or run_id != "none":
+        return run_id
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]       # field 22: the start time, in clock ticks
+    except (OSError, IndexError):
+        return None
+    return f"agent {boot} {os.getppid()} {started}"
 
 
 # ---- the run's length, the sample grids -------------------------------------------------------------------
@@ -719,3 +804,10 @@ if __name__ == "__main__":
         fail(str(e))
     except KeyboardInterrupt:      # before the training loop took over Ctrl-C: nothing was written yet
         fail("interrupted before training started; nothing was written", code=130)
+    except (PeerLost, RuntimeError) as e:    # under torchrun: another process died or hung, this one cannot go on
+        if not peer_lost(e):
+            raise
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]   # gloo's: [its source file] what. more
+        print(f"error: process {os.environ.get('RANK', 0)} lost the run's other processes ({reason}); it exits 1, so "
+              f"that torchrun --max-restarts can restart the run from its last checkpoint", file=sys.stderr)
+        sys.exit(1)

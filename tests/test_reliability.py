@@ -204,6 +204,7 @@ def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
     import run_folder
     script = ("import os, sys, time; sys.path.insert(0, %r); import run_folder\n"
               "run_folder.lock_run_folder(%r)\n"
+              "run_folder.claim_run_folder()\n"
               "child = os.fork()\n"
               "if child == 0:\n    time.sleep(120); os._exit(0)\n"
               "print(child, flush=True); time.sleep(120)\n" % (ROOT, str(tmp_path)))
@@ -218,6 +219,7 @@ def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
         run.wait()
         os.kill(child, 0)                                  # the child still lives ...
         run_folder.lock_run_folder(str(tmp_path))          # ... and the folder is free
+        run_folder.claim_run_folder()
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
     finally:
         run.kill()
@@ -302,6 +304,32 @@ def test_a_checkpoint_with_any_one_byte_changed_is_refused_in_one_sentence(good_
     result = run_script("export.py", "--ckpt", bad, "--out", tmp_path / "m.safetensors", check=False)
     assert_refused_in_one_sentence(result, f"{bad} is damaged")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def files_of(folder):
+    """{path: (bytes, mtime)} of every file below `folder`."""
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_resume_of_a_damaged_checkpoint_changes_no_file_and_says_how_to_go_on_from_the_previous_save(train_tiny,
+                                                                                                    tmp_path):
+    out = tmp_path / "run"
+    train_tiny(out, "--epochs", "2")            # two saves: the second keeps the first as ddpm_ckpt.prev.pth
+    ckpt, prev = out / CKPT_NAME, out / PREV_CKPT_NAME
+    assert load_checkpoint(str(prev))["step"] == 8 and load_checkpoint(str(ckpt))["step"] == 16
+    damaged = bytearray(ckpt.read_bytes())
+    damaged[len(damaged) // 3] ^= 0x10
+    ckpt.write_bytes(damaged)
+    before = files_of(out)
+    result = train_tiny(out, "--resume", "--epochs", "3", check=False)
+    assert_refused_in_one_sentence(result, "cannot resume: ", f"{ckpt} is damaged: its content does not match the "
+                                   f"SHA-256 it was saved with", f"the previous save {prev} (step 8) is intact: "
+                                   f"move it onto {ckpt} to continue from it")
+    assert "training on" not in result.stdout
+    assert files_of(out) == before, "a refused --resume changed a file (the checkpoint, a log, the lock, ...)"
+    os.replace(prev, ckpt)                      # as the sentence says
+    train_tiny(out, "--resume", "--epochs", "3")
+    assert load_checkpoint(str(ckpt))["step"] == 24
 
 
 def test_each_save_keeps_the_one_before_and_a_save_that_fails_halfway_leaves_both(tmp_path, monkeypatch):
