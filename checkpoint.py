@@ -63,17 +63,18 @@ def seal(data):
     return body + HASH_TAG + hashlib.sha256(body).hexdigest().encode()
 
 
-def save_checkpoint(state, path):
+def save_checkpoint(state, path, keep_previous=True):
     """Write `state` to `path` with its SHA-256 (seal), atomically (cli.atomic_write: a temporary file in the same
     folder, flushed and fsynced, then renamed over the old checkpoint), the old checkpoint kept as
-    previous_path(path) by the same rename dance.  On any failure both files are untouched and the temporary file
-    is removed."""
+    previous_path(path) by the same rename dance (unless keep_previous is False: sampling.store_fit adds to the
+    same save, which is no new one).  On any failure both files are untouched and the temporary file is removed."""
     try:
         buffer = io.BytesIO()
         torch.save(state, buffer)
         data = seal(buffer.getbuffer())
         del buffer
-        atomic_write(path, lambda f: f.write(data), binary=True, previous=previous_path(path))
+        atomic_write(path, lambda f: f.write(data), binary=True,
+                     previous=previous_path(path) if keep_previous else None)
     except (OSError, RuntimeError, pickle.PicklingError) as e:
         reason = getattr(e, "strerror", None) or first_line(e)
         raise CheckpointError(f"could not write the checkpoint {path} ({reason}); "

@@ -10,6 +10,7 @@ The file holds the EMA state dict (the weights sampling.py and evaluate.py use) 
     prediction   what the network predicts ("eps" for checkpoints that do not say)
     ddpm_sha256  the SHA-256 of the whole file as written with these 64 digits as zeros (sampling.seal_safetensors),
                  which every load checks: safetensors itself has no checksum
+    fit          the fitted sampler's fit to these weights (sampling.fit_costs), as JSON, if the checkpoint holds one
 No optimizer, random states or counters: it cannot be resumed, only sampled.  safetensors holds only tensors
 and a JSON header, so loading it can run no code.  sampling.py --ckpt FILE.safetensors, evaluate.py --ckpt
 FILE.safetensors and sampling.load_model("FILE.safetensors") draw exactly the images the checkpoint draws.
@@ -19,9 +20,9 @@ import json
 import os
 
 from checkpoint import CheckpointError, load_checkpoint
-from cli import atomic_write, fail, first_line
+from cli import fail, first_line
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
-from sampling import HASH_KEY, SAFETENSORS_FORMAT, seal_safetensors
+from sampling import checked_fit, weights_digest, write_safetensors
 
 DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
 
@@ -29,16 +30,14 @@ DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
 def export(ckpt_path, out_path):
     """Write the EMA weights and configuration of the checkpoint at ckpt_path to out_path (atomically).  Raises
     CheckpointError with one sentence for a missing or damaged checkpoint, or an output it cannot write."""
-    from safetensors.torch import save
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
-    metadata = {"format": SAFETENSORS_FORMAT, "config": json.dumps(config),
-                "prediction": str(config.get("prediction", "eps")), HASH_KEY: "0" * 64}
-    # contiguous copies on the CPU: safetensors stores dense row-major tensors and refuses shared memory
-    weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in ckpt["ema"].items()}
-    data = seal_safetensors(save(weights, metadata=metadata))
+    metadata = {"config": json.dumps(config), "prediction": str(config.get("prediction", "eps"))}
+    fit = checked_fit(ckpt.get("fit"), weights_digest(ckpt["ema"]), ckpt_path)
+    if fit is not None:
+        metadata["fit"] = json.dumps(fit)
     try:
-        atomic_write(out_path, lambda f: f.write(data), binary=True)
+        write_safetensors(ckpt["ema"], metadata, out_path)
     except OSError as e:
         raise CheckpointError(f"could not write {out_path} ({getattr(e, 'strerror', None) or first_line(e)})") from None
 

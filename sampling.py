@@ -16,7 +16,9 @@ The model, its noise schedule, image size and channels are all rebuilt from the 
     save_grid(images, "grid.png", nrow=4)
 """
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -27,12 +29,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, all_finite, load_checkpoint
-from cli import add_device_options, fail, first_line, int_list, positive_int
+from checkpoint import CheckpointError, all_finite, load_checkpoint, save_checkpoint
+from cli import add_device_options, atomic_write, fail, first_line, int_list, positive_int
 from dataset import to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
 from noise_scheduler import NoiseScheduler, make_scheduler
-from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
+from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR, LOCK_NAME
 from unet import UNet
 
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
@@ -246,17 +248,84 @@ class Pipeline:
     precision: str = "fp32"
     config: dict = dataclasses.field(default_factory=dict)
     fit: dict = None            # fit_costs of these weights, for the "fitted" sampler; made when first needed
+    source: str = None          # the file the weights were read from (read_model), where a new fit is stored
+    weights: str = None         # weights_digest of those weights
 
 
 def walk_of(pipeline, sampler, steps, progress=False):
     """(timesteps, analytic first step) of a sampler on this pipeline: the fitted sampler's from the pipeline's fit
-    (made now if it has none), every other sampler's from sampler_timesteps."""
+    (made now, and stored with the model by store_fit, if it has none), every other sampler's from
+    sampler_timesteps."""
     if sampler != "fitted":
         return sampler_timesteps(pipeline.scheduler, sampler, steps), False
     if pipeline.fit is None:
-        pipeline.fit = fit_costs(pipeline, progress=progress)
+        pipeline.fit = {**fit_costs(pipeline, progress=progress), "weights": pipeline.weights}
+        store_fit(pipeline)
     afs = steps <= FITTED_AFS_UP_TO
     return fit_timesteps(pipeline.fit, steps, afs), afs
+
+
+def weights_digest(weights):
+    """SHA-256 of a state dict's names, dtypes, shapes and values: which weights a stored fit belongs to."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checked_fit(stored, weights_sha, path):
+    """The fit stored in `path` (a dict, or its JSON in an export), if it belongs to the weights with this digest;
+    None if there is none or it belongs to other weights (it is then made again when needed, never used).  A stored
+    fit that is not what store_fit writes raises CheckpointError."""
+    if stored is None:
+        return None
+    try:
+        fit = json.loads(stored) if isinstance(stored, str) else stored
+        n = len(fit["grid"])
+        assert n >= 2 and all(isinstance(t, int) for t in fit["grid"]) and fit["grid"] == sorted(fit["grid"])[::-1]
+        assert len(fit["cost"]) == n and all(len(row) == n for row in fit["cost"]) and len(fit["cost_afs"]) == n
+        assert all(math.isfinite(v) for row in fit["cost"] + [fit["cost_afs"]] for v in row)
+        assert isinstance(fit["weights"], str)
+    except (ValueError, TypeError, KeyError, AssertionError):
+        raise CheckpointError(f"the fitted timesteps stored in {path} are damaged; export the checkpoint again or "
+                              f"sample from the checkpoint itself") from None
+    if fit["weights"] != weights_sha:
+        print(f"note: the timesteps fitted in {path} belong to other weights; they are fitted again when needed",
+              file=sys.stderr)
+        return None
+    return fit
+
+
+def store_fit(pipeline):
+    """Keep a new fit with the model: in its checkpoint (without making it a new save: the previous one stays the
+    previous) or in its safetensors file, rewritten atomically with the same weights.  Not while a training run holds
+    the checkpoint's folder (it will write new weights, whose fit is another), nor if the file no longer holds the
+    weights the fit was made on; a fit that cannot be stored is used all the same, and made again next time."""
+    path = pipeline.source
+    if path is None or pipeline.weights is None:
+        return
+    lock = os.path.join(os.path.dirname(os.path.abspath(path)), LOCK_NAME)
+    try:
+        with open(lock, "a") if os.path.exists(lock) else contextlib.nullcontext() as held:
+            if held is not None:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)     # released when the file closes
+            if is_safetensors(path):
+                weights, config, metadata = read_safetensors(path, with_metadata=True)
+                if weights_digest(weights) != pipeline.weights:
+                    return
+                write_safetensors(weights, {**metadata, "fit": json.dumps(pipeline.fit)}, path)
+            else:
+                state = load_checkpoint(path)
+                if weights_digest(state["ema"]) != pipeline.weights:
+                    return
+                save_checkpoint({**state, "fit": pipeline.fit}, path, keep_previous=False)
+    except BlockingIOError:
+        print(f"note: a training run holds {os.path.dirname(path) or '.'}, so the fitted timesteps are not stored in "
+              f"{path}", file=sys.stderr)
+    except (OSError, CheckpointError) as e:
+        print(f"note: the fitted timesteps could not be stored in {path} ({first_line(e)})", file=sys.stderr)
 
 
 def read_model(path, device):
@@ -264,10 +333,11 @@ def read_model(path, device):
     `device`, in fp32 and the default layout; CheckpointError with one sentence if the file cannot be read, its
     weights are not finite, or they do not fit the model its configuration describes."""
     if is_safetensors(path):
-        weights, config = read_safetensors(path)
+        weights, config, metadata = read_safetensors(path, with_metadata=True)
+        stored = metadata.get("fit")
     else:
         ckpt = load_checkpoint(path)
-        weights, config = ckpt["ema"], ckpt["config"]
+        weights, config, stored = ckpt["ema"], ckpt["config"], ckpt.get("fit")
     if not all_finite(weights):
         raise CheckpointError(f"the weights in {path} are not finite (NaN or inf), so they cannot produce images")
     try:
@@ -279,7 +349,8 @@ def read_model(path, device):
         raise CheckpointError(f"{path}: its weights do not fit the model its configuration describes "
                               f"({first_line(e)})") from None
     model.to(device, memory_format=memory_format(device)).eval()
-    return Pipeline(model, scheduler, device, "fp32", config)
+    digest = weights_digest(weights)
+    return Pipeline(model, scheduler, device, "fp32", config, checked_fit(stored, digest, path), path, digest)
 
 
 # ---- the exported weights: safetensors ------------------------------------------------------------------------
@@ -320,7 +391,17 @@ def seal_safetensors(data):
     return data[:at] + hashlib.sha256(data).hexdigest().encode() + data[at + 64:]
 
 
-def read_safetensors(path):
+def write_safetensors(weights, metadata, path):
+    """Write weights with string metadata as a safetensors file sealed with its SHA-256 (seal_safetensors),
+    atomically; OSError if it cannot be written."""
+    from safetensors.torch import save
+    # contiguous copies on the CPU: safetensors stores dense row-major tensors and refuses shared memory
+    weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in weights.items()}
+    data = seal_safetensors(save(weights, metadata={**metadata, "format": SAFETENSORS_FORMAT, HASH_KEY: "0" * 64}))
+    atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def read_safetensors(path, with_metadata=False):
     """(EMA state dict, training configuration) of a file written by export.py, or CheckpointError in one
     sentence: a missing, truncated, damaged (its SHA-256 does not match) or foreign file.  A file written before
     exports carried their SHA-256 loads with a one-line note on stderr, once per process."""
@@ -370,7 +451,7 @@ def read_safetensors(path):
         _noted.add(path)
         print(f"note: {path} was written before exports carried a SHA-256 of their content, so it cannot be "
               f"verified", file=sys.stderr)
-    return weights, config
+    return (weights, config, metadata) if with_metadata else (weights, config)
 
 
 def choose_precision(pipeline, precision="auto", batch_size=100):
@@ -394,7 +475,7 @@ def load_model(path, device="auto", precision="auto", batch_size=100):
 
 
 @torch.no_grad()
-def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler="ddpm", steps=None, eta=0.0, label=None,
+def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, steps=None, eta=0.0, label=None,
              guidance_scale=DEFAULT_GUIDANCE, callback=None, progress=True):
     """Draw num_samples images: uint8 (N, C, H, W) on the CPU, and the class asked of each, (N,) (None for an
     unconditional model).  The one sampling driver of sampling.py, evaluate.py and training's sample grids.
@@ -402,9 +483,12 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler="ddpm", s
     The noise comes from one generator seeded with `seed`, drawn `batch_size` images at a time, so the same seed
     gives the same images.  A conditional model draws class `label`, or else class k in row k of a 10-column
     grid (image i is class i // 10, modulo the number of classes).  sampler, steps (default DEFAULT_STEPS), eta
-    and guidance_scale are sample()'s; callback(t, x_t, x0_pred) is called after every step of every batch.
+    and guidance_scale are sample()'s; without a sampler, `steps` alone asks for the fitted one and nothing at all
+    for the paper's DDPM, as in sampling.py.  callback(t, x_t, x0_pred) is called after every step of every batch.
     """
     model, device, num_classes = pipeline.model, pipeline.device, pipeline.model.num_classes
+    if sampler is None:
+        sampler = "fitted" if steps is not None else "ddpm"
     if sampler != "ddpm" and steps is None:
         steps = DEFAULT_STEPS[sampler]
     timesteps, afs = walk_of(pipeline, sampler, steps, progress)
