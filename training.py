@@ -336,7 +336,7 @@ class Trainer:
                   f"{self.world}; the run continues, but not bit for bit")
         if self.master:
             restart = f"torchrun restart {self.restart}: " if self.restarted else ""
-            mine = ", which this launch saved" if self.restarted else ""
+            mine = f", which this launch saved after {s.launch_seconds:.1f} s of training" if self.restarted else ""
             print(f"{restart}resuming {self.ckpt_path}{mine}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, "
                   f"step {s.step}")
             for log in (STEP_LOG_NAME, LOSS_LOG_NAME):       # rows written after the checkpoint are written again

@@ -68,13 +68,18 @@ class Launch:
     """A torchrun launch of 2 processes in the background, its output (stdout and stderr) collected line by line."""
 
     def __init__(self, *args, max_restarts=0, env=None):
-        self.lines = []
+        self.lines, self.times = [], []         # each line, and when it came
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              f"--max-restarts={max_restarts}", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True,
             env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {})))
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.proc.stdout:
+            self.times.append(time.monotonic())
+            self.lines.append(line)
 
     def wait_for(self, condition, what, timeout=120):
         deadline = time.monotonic() + timeout
@@ -84,6 +89,10 @@ class Launch:
 
     def said(self, text):
         return any(text in line for line in list(self.lines))
+
+    def line(self, text):
+        """(when, line) of the first line that holds `text`."""
+        return next((when, line) for when, line in zip(self.times, self.lines) if text in line)
 
     def output(self):
         return "".join(self.lines)
@@ -184,6 +193,25 @@ def test_torchrun_restarts_a_run_killed_three_times_and_it_ends_as_planned(data_
               for d in (out, straight)]
     assert epochs[0] == epochs[1] and [e[:2] for e in epochs[0]] == [(str(e), str(32 * e)) for e in range(1, 5)]
     assert load_checkpoint(str(out / "ddpm_ckpt.prev.pth"))["step"] < a["step"]
+
+
+def test_a_torchrun_restart_trains_the_rest_of_the_max_minutes_not_all_of_them_again(data_dir, tmp_path):
+    """--max-minutes over a restart: the checkpoint carries the seconds its launch trained, and the restarted
+    attempt trains what is left of them (a manual --resume --max-minutes M would train M more)."""
+    out = tmp_path / "run"
+    ckpt = out / "ddpm_ckpt.pth"
+    with Launch("training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "8", "--preview-samples",
+                "0", *TINY_MODEL, "--max-minutes", "0.15", "--save-every-minutes", "0.01", max_restarts=1) as run:
+        run.wait_for(lambda: ckpt.exists() and load(ckpt)["launch_seconds"] > 3, "a save 3 s into the run")
+        run.signal_rank(1, signal.SIGKILL)
+        assert run.finish() == 0, run.output()
+    resumed, line = run.line("torchrun restart 1: resuming")
+    spent = float(line.split("which this launch saved after ")[1].split()[0])   # by the first attempt, at its save
+    ended, _ = run.line("--max-minutes 0.15 reached")
+    assert spent > 3 and ended - resumed < 9 - spent + 1.5, (spent, ended - resumed)    # the rest of the 9 s
+    state = load_checkpoint(str(ckpt))
+    assert 9 <= state["launch_seconds"] < 10.5 and run.output().count("--max-minutes 0.15 reached") == 1
+    assert state["step"] == state["epoch"] * 32 + state["batch_in_epoch"]
 
 
 def test_a_stopped_process_makes_the_run_fail_within_the_dist_timeout(data_dir, tmp_path):
