@@ -533,8 +533,8 @@ def sweep(args, parser, log):
     ref = reference(args, parser, log)
     T = ref.pipeline.scheduler.num_timesteps
     json_path = args.sweep_out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "sweep.json")
-    stat = os.stat(args.ckpt)
-    identity = {"ckpt": os.path.abspath(args.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime": stat.st_mtime,
+    # the weights' digest, not the file's size and time: storing the fitted sampler's fit rewrites the checkpoint
+    identity = {"ckpt": os.path.abspath(args.ckpt), "weights": ref.pipeline.weights,
                 "num_samples": args.num_samples, "seed": args.seed, "guidance_scale": args.guidance_scale}
     results = {**identity, "points": []}
     if os.path.isfile(json_path):

@@ -162,15 +162,15 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
               "--sweep-steps", "2,8", "--sweep-out", tmp_path / "sweep.json"]
     result = run_script(*common)
     points = json.loads((tmp_path / "sweep.json").read_text())["points"]
-    assert len(points) == 5 * 2 - 1 + 2 and {p["label"] for p in points} == {     # no 2-step Restart: too few steps
+    assert len(points) == 6 * 2 - 1 + 2 and {p["label"] for p in points} == {     # no 2-step Restart: too few steps
         "DDIM (eta 0)", "DDIM (eta 1)", "DPM-Solver++(2M)", "SDE-DPM-Solver++(2M)", "Restart (DPM-Solver++(2M))",
-        "ODE limit (50-step DPM-Solver++(2M))", "DDPM (50 steps)"}
+        "DPM-Solver++(2M) on fitted timesteps", "ODE limit (50-step DPM-Solver++(2M))", "DDPM (50 steps)"}
     assert all(p["fid"] > 0 and p["seconds_per_100"] > 0 for p in points)
     assert Image.open(tmp_path / "sweep.png").size[0] > 300
     assert "| DPM-Solver++(2M) | 8 |" in result.stdout and "real images (floor)" in result.stdout
     assert "| ODE limit (50-step DPM-Solver++(2M)) | 50 |" in result.stdout and "no 2-step Restart" in result.stdout
     again = run_script(*common)
-    assert "reusing 11 points" in again.stdout and "sweep: DDIM" not in again.stdout
+    assert "reusing 13 points" in again.stdout and "sweep: DDIM" not in again.stdout
     only = run_script(*common[:-1], tmp_path / "only.json", "--sweep-samplers", "dpm++")
     points = json.loads((tmp_path / "only.json").read_text())["points"]
     assert [(p["label"], p["steps"]) for p in points] == [("DPM-Solver++(2M)", 2), ("DPM-Solver++(2M)", 8),
