@@ -110,11 +110,10 @@ STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 ste
 SAVE_EVERY_MINUTES = 5.0
 # --fid-every: FID of FID_SAMPLES images drawn by sampling.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
 # against the test split, with the self-trained classifier's features: what `evaluate.py --sampler restart --steps
-# 20 --precision fp32 --features classifier` prints for the checkpoint.  One measurement of the default model at
-# N = 1,000 took 44 to 49 s on the README's idle 2-core CPU, 7.6% of a 30-minute run measured every 10 minutes
-# (README, Results), more than the 5% a default may cost, and it needs a test split: off by default.
+# 20 --precision fp32 --features classifier` prints for the checkpoint.  Its time is not training time (the deadline
+# of --max-minutes moves on by it), but it lengthens the run and needs a test split: off by default
+# (docs/experiments.md, FID during training, has its cost).
 FID_SAMPLES, FID_SEED = 1000, 0
-FID_COST_NOTE = "about 45 s"
 
 
 # ---- algorithm 1 ------------------------------------------------------------------------------------------
@@ -484,7 +483,7 @@ class Trainer:
         last measurement, and at the run's end (its last epoch, or `last`: --max-minutes ran out), rank 0 measures
         the FID of the EMA weights (evaluate.fid_of) while the other processes wait.  The training's random state
         is left untouched (the sampler has its own seeded generator), so a run with measurements trains bit for bit
-        as one without.  Returns it, or None."""
+        as one without, and its time is not counted against --max-minutes.  Returns it, or None."""
         s, args, now = self.state, self.args, time.monotonic()
         s.fid_seconds, self.fid_clock = s.fid_seconds + now - self.fid_clock, now
         if not args.fid_every:
@@ -508,7 +507,14 @@ class Trainer:
             print(f"FID {fid:.2f} at N = {args.fid_samples} at step {s.step}, measured in "
                   f"{time.monotonic() - start:.1f} s")
             return fid
+        measuring = time.monotonic()
         fid = on_rank_0(measure)
+        # The measurement is not training: the run's clock (its pace, its deadline, the launch's minutes spent)
+        # moves on by what it took, so --max-minutes M trains M minutes with or without --fid-every.
+        measured = time.monotonic() - measuring
+        self.started += measured
+        if self.deadline is not None:
+            self.deadline += measured
         s.fid_seconds, self.fid_clock = 0.0, time.monotonic()
         return fid
 
@@ -675,8 +681,7 @@ def build_parser():
     a("--fid-every", type=non_negative_float, default=0.0, metavar="MINUTES", help="measure the FID (N = "
       f"--fid-samples, {FID_SAMPLER[1]}-step {FID_SAMPLER[0]}, the classifier's features, as evaluate.py) at the first "
       "epoch end after every MINUTES of training and at the end of the run, into the fid column of "
-      f"{LOSS_LOG_NAME}; 0: never (the default: one measurement of the default model at N = 1,000 takes "
-      f"{FID_COST_NOTE} on a 2-core CPU)")
+      f"{LOSS_LOG_NAME}; its time does not count against --max-minutes; 0: never (the default)")
     a("--fid-samples", type=positive_int, default=FID_SAMPLES, help=f"N of --fid-every (default {FID_SAMPLES})")
     a("--save-every-minutes", type=non_negative_float, default=SAVE_EVERY_MINUTES, help="also save the checkpoint "
       f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "

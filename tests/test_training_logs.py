@@ -2,6 +2,7 @@
 runs brought up to date on --resume, and visualize.py loss drawing them."""
 import csv
 import json
+import re
 import shutil
 
 import pytest
@@ -114,6 +115,18 @@ def test_fid_every_epoch_resumes_bit_exactly(train_tiny, own_data, tmp_path):
     train_tiny(without, "--epochs", "3", "--data-dir", own_data, "--dropout", "0.1")
     assert_same_tensors(load(without / "ddpm_ckpt.pth")["ema"], a["ema"])
     assert [r["fid"] for r in rows(without / "loss_log.csv")] == ["", "", ""]
+
+
+def test_fid_every_does_not_count_against_max_minutes(train_tiny, own_data, tmp_path):
+    """A measurement after every epoch of a 3-second run: the epochs' own seconds still add up to the 3 seconds,
+    however long the measurements took between them (here the first trains the classifier)."""
+    out = tmp_path / "run"
+    result = train_tiny(out, "--max-minutes", "0.05", "--fid-every", "0.000001", *FID_OPTIONS, "--data-dir", own_data)
+    measured = sum(float(s) for s in re.findall(r"measured in ([0-9.]+) s", result.stdout))
+    trained = sum(float(r["seconds"]) for r in rows(out / "loss_log.csv"))
+    assert measured > 1.5, measured         # without the fix the epochs would have had 3 - measured seconds
+    assert 2.5 < trained < 4.0, (trained, measured)
+    assert 2.9 < load(out / "ddpm_ckpt.pth")["launch_seconds"] < 4.0
 
 
 def test_fid_every_needs_a_test_split(train_tiny, tmp_path):
