@@ -591,7 +591,7 @@ def build_parser():
     p.add_argument("--gif", action="store_true", help="also write reverse.gif, an animation of the reverse process")
     p.add_argument("--gif-of", choices=["xt", "x0"], default="xt", help="animate x_t (default) or the predicted x_0")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model (CUDA graphs on a GPU; worth it there)")
+                   help="torch.compile the model (with CUDA graphs on a GPU)")
     p.add_argument("--individual", action="store_true",
                    help="also save every sample as its own PNG in OUT_DIR/individual/")
     return p

@@ -644,8 +644,7 @@ def build_parser():
     a("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up: linear (decay to zero at the end of the run, "
       f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
     a("--loss", choices=LOSSES, help=f"min-snr: each timestep's term weighted by min(SNR, gamma) / SNR (Hang et al., "
-      f"2023), whose ODE came closer to the data (README, Results); plain: the paper's simple objective (default "
-      f"{d['loss']})")
+      f"2023; gamma: --min-snr-gamma); plain: the paper's simple objective (default {d['loss']})")
     a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
       f"alpha_t eps - sigma_t x_0) or x0 (default {d['prediction']})")
     a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
@@ -666,7 +665,7 @@ def build_parser():
     a("--preview-steps", type=positive_int, help="SDE-DPM-Solver++ steps for the epoch grids (default 20)")
     add_device_options(p, "auto: the faster of bf16 and fp32 (and of the NCHW and NHWC layouts), timed on this "
                        "device at start-up; a resumed run keeps the precision it started with")
-    a("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
+    a("--compile", action="store_true", help="torch.compile the model (it compiles during the first steps)")
     a("--data-dir", default="data", help="dataset folder (default data)")
     a("--stream", action="store_true", help="--dataset folder: decode the images from disk batch by batch instead of "
       "holding them in memory (the default for folders above 1 GiB of decoded pixels)")
