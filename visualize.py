@@ -6,6 +6,9 @@
     python visualize.py loss                     # default/loss.png: the loss curve from default/loss_log.csv
                                                  # (and loss_steps.csv beside it), with the FID and the
                                                  # learning rate where the logs have them
+    python visualize.py fid --logs A/loss_log.csv B/loss_log.csv
+                                                 # default/fid.png: the FID of --fid-every against minutes of
+                                                 # training, one line per run
 
 (The reverse process as an animation: python sampling.py --gif.)
 """
@@ -116,6 +119,41 @@ def plot_loss(log_path, path):
     plt.close(fig)
 
 
+def fid_against_minutes(log_path):
+    """[(minutes of training, FID)] of the epochs of a loss log that --fid-every measured: the minutes are the
+    running sum of the log's `seconds` column, the training time of each epoch (measurements not counted)."""
+    points, seconds = [], 0.0
+    for row in read_csv(log_path):
+        seconds += float(row["seconds"])
+        if row.get("fid"):
+            points.append((seconds / 60, float(row["fid"])))
+    if not points:
+        raise ValueError("no FID in it: train with --fid-every")
+    return points
+
+
+def plot_fid(log_paths, labels, path):
+    """FID against minutes of training, one line per run: how fast each recipe gets how good."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    curves = {}
+    for log_path, label in zip(log_paths, labels):
+        curves[label] = fid_against_minutes(log_path)
+        ax.plot(*zip(*curves[label]), "o-", label=label)
+    ax.set_xlabel("minutes of training")
+    ax.set_ylabel("FID (--fid-every)")
+    ax.set_yscale("log")
+    ax.set_title("FID against training time")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return curves
+
+
 def plot_sweep(results, path):
     """FID against the seconds that 100 samples take, one line per sampler (its step counts marked), the
     1000-step DDPM and the ODE's limit as points with a line across, and the real-vs-real floor as a dashed line:
@@ -150,8 +188,9 @@ def plot_sweep(results, path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Pictures of the noise schedule, the forward process and the loss.")
-    p.add_argument("what", choices=["schedule", "forward", "loss"])
+    p = argparse.ArgumentParser(description="Pictures of the noise schedule, the forward process, the loss, and the "
+                                "FID against minutes of training.")
+    p.add_argument("what", choices=["schedule", "forward", "loss", "fid"])
     p.add_argument("--out", help="output PNG (default default/<what>.png)")
     p.add_argument("--num-timesteps", type=positive_int, default=1000, help="T of the schedules (schedule, forward)")
     p.add_argument("--schedule", choices=list(SCHEDULES), default="linear", help="for forward")
@@ -160,6 +199,9 @@ def build_parser():
     p.add_argument("--image-size", type=positive_int, default=32, help="for forward with --dataset folder")
     p.add_argument("--num-images", type=positive_int, default=6, help="for forward: rows")
     p.add_argument("--log", default=os.path.join(DEFAULT_OUT_DIR, LOSS_LOG_NAME), help="for loss")
+    p.add_argument("--logs", nargs="+", metavar="LOG", help="for fid: the loss logs of runs with --fid-every "
+                   "(default: --log)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="for fid: a name for each log (default: its folder)")
     return p
 
 
@@ -180,6 +222,18 @@ def main(argv=None):
         rows = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:args.num_images]]
         save_grid(forward_grid(rows, scheduler, timesteps), out, nrow=len(timesteps))
         print(f"columns: t = {', '.join(map(str, timesteps))}")
+    elif args.what == "fid":
+        logs = args.logs or [args.log]
+        labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(log))) for log in logs]
+        if len(labels) != len(logs):
+            p.error(f"--labels names {len(labels)} runs, --logs {len(logs)}")
+        for log in logs:
+            if not os.path.isfile(log):
+                fail(f"there is no loss log at {log}; train with --fid-every first")
+        try:
+            plot_fid(logs, labels, out)
+        except (ValueError, KeyError) as e:
+            fail(f"one of {', '.join(logs)} has no FID to draw ({e})")
     else:
         if not os.path.isfile(args.log) and not os.path.isfile(step_log_of(args.log)):
             fail(f"there is no loss log at {args.log} (nor {STEP_LOG_NAME} beside it); train first, or pass --log")

@@ -186,3 +186,25 @@ def test_forward_grid_columns_follow_the_closed_form():
         expected = sched.add_noise(torch.ones(2, 1, 4, 4), noise, torch.full((2,), t))
         assert torch.allclose(grid[:, column], expected, atol=1e-6), t
     assert torch.allclose(grid[:, 0], torch.ones(2, 1, 4, 4), atol=0.05)           # t = 0: almost the image
+
+
+def test_visualize_fid_draws_each_run_against_its_minutes_of_training(tmp_path):
+    """The minutes are the running sum of the epochs' training seconds; epochs without a FID add their time."""
+    from visualize import plot_fid
+    logs = []
+    for name, rows in {"a": [(60, ""), (60, "40.0"), (30, "20.0")], "b": [(120, "30.0")]}.items():
+        (tmp_path / name).mkdir()
+        log = tmp_path / name / "loss_log.csv"
+        log.write_text("epoch,step,loss,images_per_s,seconds,fid\n"
+                       + "".join(f"{i + 1},{i + 1},0.1,100,{s},{f}\n" for i, (s, f) in enumerate(rows)))
+        logs.append(str(log))
+    curves = plot_fid(logs, ["a", "b"], tmp_path / "fid.png")
+    assert curves == {"a": [(2.0, 40.0), (2.5, 20.0)], "b": [(2.0, 30.0)]}
+    assert Image.open(tmp_path / "fid.png").size == (480, 320)
+    run_script("visualize.py", "fid", "--logs", *logs, "--out", tmp_path / "cli.png")
+    assert Image.open(tmp_path / "cli.png").size == (480, 320)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "loss_log.csv").write_text("epoch,step,loss,images_per_s,seconds,fid\n1,1,0.1,100,60,\n")
+    no_fid = run_script("visualize.py", "fid", "--logs", tmp_path / "c" / "loss_log.csv", "--out", tmp_path / "x.png",
+                        check=False)
+    assert no_fid.returncode == 1 and "--fid-every" in no_fid.stderr and "Traceback" not in no_fid.stderr
