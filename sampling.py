@@ -51,19 +51,20 @@ SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart", "fitted")
 DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20, "fitted": 10}
 # Restart sampling (Xu et al., 2023): its interval of noise levels sigma = sigma_t / alpha_t, how often it jumps back
 # up, and the ODE steps of each pass down.  Chosen by its worst case over two datasets and two sample seeds among
-# eleven settings at 20 evaluations (README, Results): wider intervals than 0.1..0.4 corrected more of the ODE's drift.
+# eleven settings at 20 evaluations (docs/experiments.md, Restart 20): wider intervals than 0.1..0.4 corrected
+# more of the ODE's drift.
 RESTART = dict(sigma_min=0.2, sigma_max=1.5, restarts=2, restart_steps=3)
-# The recommended fast sampler: the best worst case over the datasets measured (README, Results).  training.py
+# The recommended fast sampler: the best worst case over the datasets measured (docs/experiments.md).  training.py
 # --fid-every measures with it; change it here.
 FID_SAMPLER = ("restart", 20)
 LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced evenly in log-SNR rather than in t
 
 
 def spacing(sampler, steps):
-    """How a few-step sampler spaces its timesteps (noise_scheduler.timesteps), chosen by measured FID (README,
-    Results): DDIM evenly in t; DPM-Solver++ evenly in t for up to 25 steps (at 10 and 20 steps far better
-    than in log-SNR), evenly in log-SNR, as in the paper, from 26 on (at 50 steps far better than in t, whose
-    last step, from t ~ 20 to 0, is too long for the extrapolation)."""
+    """How a few-step sampler spaces its timesteps (noise_scheduler.timesteps), chosen by measured FID
+    (docs/experiments.md, Timestep spacing of DPM-Solver++): DDIM evenly in t; DPM-Solver++ evenly in t for up
+    to 25 steps (at 10 and 20 steps far better than in log-SNR), evenly in log-SNR, as in the paper, from 26 on
+    (at 50 steps far better than in t, whose last step, from t ~ 20 to 0, is too long for the extrapolation)."""
     return "logsnr" if sampler.startswith("dpm++") and steps >= LOGSNR_FROM else "uniform"
 
 

@@ -88,7 +88,7 @@ from unet import UNet
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
 # min_snr_gamma is 20, not Hang et al.'s 5: the few-step samplers gained with either, but with 5 the 1000-step DDPM
-# came out 29% worse on Fashion-MNIST, with 20 within 7% of the paper's objective (README, Results: Min-SNR weighting).
+# came out 29% worse on Fashion-MNIST, with 20 within 7% of the paper's objective (docs/experiments.md, Min-SNR-20).
 DEFAULTS = dict(
     dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
@@ -106,7 +106,8 @@ LOSSES = ("plain", "min-snr")
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
 # One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on
-# the 2-core CPU of the README: every 5 minutes that is 0.03% of the run, and a SIGKILL loses at most 5 minutes.
+# a 2-core AMD EPYC (docs/experiments.md, Speed and memory): every 5 minutes that is 0.03% of the run, and a
+# SIGKILL loses at most 5 minutes.
 SAVE_EVERY_MINUTES = 5.0
 # --fid-every: FID of FID_SAMPLES images drawn by sampling.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
 # against the test split, with the self-trained classifier's features: what `evaluate.py --sampler restart --steps
@@ -793,7 +794,7 @@ def planned_steps(epoch_steps, steps_done, deadline, started, steps_here):
 
 def preview(ema, scheduler, config, device, precision, path):
     """A grid of EMA samples from fixed noise, so epochs can be compared by eye: SDE-DPM-Solver++(2M), the
-    sampler with the best FID at 20 steps on a 30-minute CPU model (README, Results)."""
+    sampler with the best FID at 20 steps on a 30-minute CPU model (docs/experiments.md, Timestep spacing)."""
     n = config["preview_samples"]
     images, _ = generate(Pipeline(ema, scheduler, device, precision), n, seed=1234, batch_size=n, sampler="dpm++sde",
                          steps=min(config["preview_steps"], scheduler.num_timesteps), guidance_scale=DEFAULT_GUIDANCE,
