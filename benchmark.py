@@ -61,9 +61,11 @@ def train_throughput(model, scheduler, device, precision, batch_size, steps, com
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     net = torch.compile(model) if compile_ else model
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
+    t_probs = scheduler.timestep_probs(DEFAULTS["timestep_sampling"])        # training's default distribution of t
 
     def step():
-        loss = diffusion_loss(net, scheduler, x0, precision=precision, min_snr_gamma=loss_gamma(DEFAULTS))
+        loss = diffusion_loss(net, scheduler, x0, precision=precision, min_snr_gamma=loss_gamma(DEFAULTS),
+                              t_probs=t_probs)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

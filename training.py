@@ -68,7 +68,7 @@ from hardware import (
     peer_lost,
     setup_distributed,
 )
-from noise_scheduler import PREDICTIONS, SCHEDULES, make_scheduler
+from noise_scheduler import PREDICTIONS, SCHEDULES, SPEED_RATIO, TIMESTEP_SAMPLINGS, make_scheduler
 from run_folder import (
     CKPT_NAME,
     DEFAULT_OUT_DIR,
@@ -93,14 +93,16 @@ DEFAULTS = dict(
     dataset="mnist", epochs=20, batch_size=128, lr=1e-3, warmup_steps=200, seed=0,
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
     schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="constant", loss="min-snr", min_snr_gamma=20.0,
-    prediction="eps", conditional=False, label_dropout=0.1, preview_samples=100, preview_steps=20,
+    timestep_sampling="uniform", prediction="eps", conditional=False, label_dropout=0.1, preview_samples=100,
+    preview_steps=20,
 )
 # What a checkpoint written before these options existed was trained with.
-LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0, prediction="eps")
+LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0, prediction="eps",
+                     timestep_sampling="uniform")
 # Options that define the run: on --resume they must agree with the checkpoint.
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
             "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout",
-            "lr_schedule", "loss", "min_snr_gamma", "prediction")
+            "lr_schedule", "loss", "min_snr_gamma", "prediction", "timestep_sampling")
 LR_SCHEDULES = ("linear", "constant")
 LOSSES = ("plain", "min-snr")
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
@@ -119,7 +121,7 @@ FID_SAMPLES, FID_SEED = 1000, 0
 
 # ---- algorithm 1 ------------------------------------------------------------------------------------------
 def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision="fp32", label_dropout=0.0,
-                   null_label=None, min_snr_gamma=None):
+                   null_label=None, min_snr_gamma=None, t_probs=None):
     """Algorithm 1, lines 3-5, for a batch x_0: the simple objective
         || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2,
     or the same with the network predicting v or x_0 instead of eps (scheduler.target); or, with min_snr_gamma,
@@ -128,9 +130,10 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
     min(SNR, gamma) / SNR, section 3.4): the nearly noise-free timesteps, whose noise is hard to see and whose
     images hardly need denoising, stop dominating the gradient.  gamma = inf is the simple objective for eps.
     A conditional model's labels are replaced by the "no label" token `null_label` with probability
-    `label_dropout`, so that one network learns both halves of classifier-free guidance."""
+    `label_dropout`, so that one network learns both halves of classifier-free guidance.  t_probs: t drawn from
+    this distribution over the timesteps instead of uniformly (NoiseScheduler.timestep_probs, --timestep-sampling)."""
     device = x0.device
-    t = scheduler.sample_timesteps(len(x0), generator, device)              # t ~ U{0..T-1}    (line 3, 0-based)
+    t = scheduler.sample_timesteps(len(x0), generator, device, t_probs)     # t ~ U{0..T-1}    (line 3, 0-based)
     noise = torch.randn(x0.shape, generator=generator, device=device)       # eps ~ N(0, I)    (line 4)
     x_t = scheduler.add_noise(x0, noise, t)
     if labels is not None:
@@ -312,6 +315,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0)
         self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"]).to(device)
+        self.t_probs = self.scheduler.timestep_probs(config["timestep_sampling"])     # None: uniform, as the paper
         self.generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + self.rank)
 
     def restore(self):
@@ -414,7 +418,7 @@ class Trainer:
         loss = diffusion_loss(self.train_model, self.scheduler, x0, y, generator=self.generator,   # lines 3-5
                               precision=self.precision, label_dropout=config["label_dropout"],
                               null_label=self.model.num_classes,
-                              min_snr_gamma=loss_gamma(config))
+                              min_snr_gamma=loss_gamma(config), t_probs=self.t_probs)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -649,6 +653,9 @@ def build_parser():
     a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
       f"alpha_t eps - sigma_t x_0) or x0 (default {d['prediction']})")
     a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
+    a("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help=f"how training draws t: uniform (the paper's) or "
+      f"speed (SpeeD's asymmetric sampling, Wang et al., 2024: the timesteps where x_t is nearly pure noise drawn "
+      f"{SPEED_RATIO:g} times less often) (default {d['timestep_sampling']})")
     a("--seed", type=int, help=f"random seed (default {d['seed']})")
     a("--channels", dest="base_channels", type=positive_int, help=f"U-Net width: channels of the first level "
       f"(default {d['base_channels']})")

@@ -117,3 +117,37 @@ def test_a_min_snr_checkpoint_resumes_with_the_gamma_it_was_trained_with(data_di
     default = train_tiny(data_dir, tmp_path / "default", "--epochs", "2")
     assert any(not torch.equal(default["model"][k], straight["model"][k]) for k in straight["model"]), \
         "gamma 5 and the default gamma train different weights"
+
+
+def test_speed_sampling_draws_the_nearly_pure_noise_timesteps_five_times_less_often():
+    sched = LinearNoiseScheduler()
+    assert sched.timestep_probs("uniform") is None
+    probs = sched.timestep_probs("speed")
+    slow = int((probs < probs.max()).sum())
+    assert slow == 1000 - 641, "the slope of sqrt(1 - alpha-bar) falls below 1e-4 a step at t = 641"
+    t = sched.sample_timesteps(200_000, torch.Generator().manual_seed(0), probs=probs)
+    counts = torch.bincount(t, minlength=1000).float()
+    assert float(counts[:641].mean() / counts[641:].mean()) == pytest.approx(5.0, rel=0.05)
+    # uniform draws are exactly those of before the option (the same generator calls), so old runs resume bit for bit
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(sched.sample_timesteps(64, g1), torch.randint(0, 1000, (64,), generator=g2))
+
+
+def test_a_checkpoint_of_before_timestep_sampling_resumes_uniform_and_the_option_cannot_change_on_resume(data_dir,
+                                                                                                         tmp_path):
+    straight = train_tiny(data_dir, tmp_path / "straight", "--timestep-sampling", "uniform", "--epochs", "2")
+    old = train_tiny(data_dir, tmp_path / "old", "--timestep-sampling", "uniform", "--epochs", "1")
+    del old["config"]["timestep_sampling"]                              # as written before the option existed
+    old["format"] = "ddpm-checkpoint-v1"
+    torch.save(old, tmp_path / "old" / "ddpm_ckpt.pth")
+    resumed = train_tiny(data_dir, tmp_path / "old", "--resume", "--epochs", "2")
+    assert resumed["config"]["timestep_sampling"] == "uniform"
+    for key in ("model", "ema"):
+        assert_same_tensors(resumed[key], straight[key])
+    speed = train_tiny(data_dir, tmp_path / "speed", "--timestep-sampling", "speed", "--epochs", "2")
+    assert any(not torch.equal(speed["model"][k], straight["model"][k]) for k in straight["model"]), \
+        "the two samplings of t train different weights"
+    refused = run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "speed", "--resume",
+                         "--timestep-sampling", "uniform", "--epochs", "3", check=False)
+    assert refused.returncode == 2 and "--timestep-sampling uniform (checkpoint: speed)" in refused.stderr
+    assert load(tmp_path / "speed" / "ddpm_ckpt.pth")["step"] == speed["step"], "nothing was trained or written"
