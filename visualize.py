@@ -145,6 +145,8 @@ def plot_fid(log_paths, labels, path):
     ax.set_xlabel("minutes of training")
     ax.set_ylabel("FID (--fid-every)")
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):       # 4, 6, 10, 20 rather than 4e0
+        axis(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_title("FID against training time")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
