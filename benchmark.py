@@ -11,7 +11,8 @@ then for each --precision option: the precision and memory layout chosen for tra
 printed), training images/s and the fraction of the better of the two matmul peaks it reaches (training
 FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
 (timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
-(timed in full), the fit of the fitted sampler's timesteps and 5 and 10 of its steps; and peak memory (RSS on
+(timed in full), the fit of the fitted sampler's timesteps, and what `sampling.py --steps 5` and `--steps 10` draw
+(sampling.few_step_sampler); and peak memory (RSS on
 the CPU, allocated on a GPU).
 """
 import argparse
@@ -33,7 +34,7 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from sampling import Pipeline, fit_costs, generate, sample
+from sampling import Pipeline, few_step_sampler, fit_costs, generate, sample
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
 
@@ -107,7 +108,7 @@ def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
 
 def fitted_seconds(model, scheduler, device, precision, n):
     """(seconds of the fit of the fitted sampler's timesteps to this model, {steps: seconds for n images}) at 5 and
-    10 network evaluations (sampling.fit_costs, then generate)."""
+    10 network evaluations with the sampler that `--steps` alone picks (sampling.fit_costs, then generate)."""
     pipeline = Pipeline(model, scheduler, device, precision)
     start = time.perf_counter()
     pipeline.fit = fit_costs(pipeline, progress=False)
@@ -116,7 +117,7 @@ def fitted_seconds(model, scheduler, device, precision, n):
     for steps in (5, 10):
         synchronize(device)
         start = time.perf_counter()
-        generate(pipeline, n, batch_size=n, sampler="fitted", steps=steps, progress=False)
+        generate(pipeline, n, batch_size=n, steps=steps, progress=False)
         synchronize(device)
         runs[steps] = time.perf_counter() - start
     return fit, runs
@@ -177,7 +178,7 @@ def measure(model, scheduler, device, precision_option, args):
                                                     args.ddpm_steps) * T / args.ddpm_steps,
             "ddim_50_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "ddim", 50),
             "dpm_20_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "dpm++", 20),
-            "fit_seconds": fit, "fitted_5_steps_seconds": fitted[5], "fitted_10_steps_seconds": fitted[10]}
+            "fit_seconds": fit, "steps_5_seconds": fitted[5], "steps_10_seconds": fitted[10]}
 
 
 def main(argv=None):
@@ -245,8 +246,8 @@ def main(argv=None):
             (f"{args.num_samples} samples x 50 DDIM steps", f"{r['ddim_50_steps_seconds']:.1f} s"),
             (f"{args.num_samples} samples x 20 DPM-Solver++ steps", f"{r['dpm_20_steps_seconds']:.1f} s"),
             ("fitting the fitted sampler's timesteps", f"{r['fit_seconds']:.1f} s (once per model)"),
-            (f"{args.num_samples} samples x 5 fitted steps", f"{r['fitted_5_steps_seconds']:.2f} s"),
-            (f"{args.num_samples} samples x 10 fitted steps", f"{r['fitted_10_steps_seconds']:.2f} s"),
+            (f"{args.num_samples} samples, --steps 5 ({few_step_sampler(5)})", f"{r['steps_5_seconds']:.2f} s"),
+            (f"{args.num_samples} samples, --steps 10 ({few_step_sampler(10)})", f"{r['steps_10_seconds']:.2f} s"),
         ]
         print(f"--precision {option}")
         width = max(len(k) for k, _ in rows)

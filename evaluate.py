@@ -629,8 +629,9 @@ def build_parser():
     p.add_argument("--batch-size", type=positive_int, default=100, help="images denoised at once (default 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
     add_device_options(p, "sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
-    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, the default "
-                   "without --steps), fitted (the default with --steps), ddim, dpm++, dpm++sde or restart")
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, the "
+                   "default without --steps; with --steps, dpm++ below 10 and fitted from 10), fitted, ddim, dpm++, "
+                   "dpm++sde or restart")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="network evaluations of the few-step samplers (default 50 for ddim, 10 for fitted, 20 for the "
                    "others)")
