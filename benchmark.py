@@ -106,7 +106,7 @@ def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
     return time.perf_counter() - start
 
 
-def fitted_seconds(model, scheduler, device, precision, n):
+def few_step_seconds(model, scheduler, device, precision, n):
     """(seconds of the fit of the fitted sampler's timesteps to this model, {steps: seconds for n images}) at 5 and
     10 network evaluations with the sampler that `--steps` alone picks (sampling.fit_costs, then generate)."""
     pipeline = Pipeline(model, scheduler, device, precision)
@@ -169,7 +169,7 @@ def measure(model, scheduler, device, precision_option, args):
     net = model.to(memory_format=layout).eval()
     if args.compile:
         net = compile_for_sampling(model, device)
-    fit, fitted = fitted_seconds(net, scheduler, device, precision, args.num_samples)
+    fit, few = few_step_seconds(net, scheduler, device, precision, args.num_samples)
     return {"train_precision": train_precision, "train_layout": LAYOUT_NAMES[train_layout],
             "train_choice": train_note,
             "train_images_per_s": train_ips, "sample_precision": precision, "sample_layout": LAYOUT_NAMES[layout],
@@ -178,7 +178,7 @@ def measure(model, scheduler, device, precision_option, args):
                                                     args.ddpm_steps) * T / args.ddpm_steps,
             "ddim_50_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "ddim", 50),
             "dpm_20_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "dpm++", 20),
-            "fit_seconds": fit, "steps_5_seconds": fitted[5], "steps_10_seconds": fitted[10]}
+            "fit_seconds": fit, "steps_5_seconds": few[5], "steps_10_seconds": few[10]}
 
 
 def main(argv=None):
