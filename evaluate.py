@@ -520,7 +520,8 @@ def evaluate(args, parser, log):
             "real_floor": {"num_images": len(floor), **scored(floor, None)}}
 
 
-SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0), ("restart", 0.0), ("fitted", 0.0)]
+SWEEP = [("ddim", 0.0), ("ddim", 1.0), ("dpm++", 0.0), ("dpm++sde", 0.0), ("unipc", 0.0), ("restart", 0.0),
+         ("fitted", 0.0)]
 ODE_LIMIT_STEPS = 50        # DPM-Solver++(2M) at this many steps: the model's probability-flow ODE, solved closely
 
 

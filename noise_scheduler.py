@@ -19,8 +19,10 @@ Notation (paper -> code):
     v_t                  v = alpha_t eps - sigma_t x_0, the "velocity" (Salimans & Ho, 2022, section 4)
 
 What the network predicts (`prediction`): "eps", the paper's noise epsilon_theta (eq. 11); "v", the velocity
-v_theta; or "x0", the data itself.  The scheduler converts each to eps in one place (`to_eps`), so every
-sampler, which works with eps, works with every parameterization.
+v_theta; "x0", the data itself; or "edm", the output F_theta of Karras et al.'s (2022) preconditioned denoiser
+D = c_skip x + c_out F_theta(c_in x) (their table 1), written for this process.  The scheduler converts each to
+eps in one place (`to_eps`), so every sampler, which works with eps, works with every parameterization; and
+`model_input` is what the network sees of x_t (x_t itself, or c_in's unit-variance scaling for "edm").
 
     python -c "from noise_scheduler import LinearNoiseScheduler as S; print(S().betas[:3])"
 """
@@ -42,27 +44,33 @@ def _noise_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
 
 
-PREDICTIONS = ("eps", "v", "x0")
+PREDICTIONS = ("eps", "v", "x0", "edm")
 # Training timesteps (timestep_probs): "uniform" as the paper, or SpeeD's asymmetric sampling, whose convergence area
 # (the slope of sqrt(1 - alpha-bar_t) against t / T below SPEED_SLOPE: 1e-4 a step at T = 1000, as Wang et al. set it)
 # is drawn SPEED_RATIO times less often (their 2.5 against 0.5).
-TIMESTEP_SAMPLINGS = ("uniform", "speed")
+# "lognormal": EDM's log-normal distribution of noise levels, ln sigma ~ N(P_MEAN, P_STD^2) (Karras et al., 2022, table 1),
+# with sigma = sigma_t / alpha_t, over the T timesteps.
+TIMESTEP_SAMPLINGS = ("uniform", "speed", "lognormal")
 SPEED_SLOPE, SPEED_RATIO = 0.1, 5.0
+P_MEAN, P_STD = -1.2, 1.2
 
 
 class NoiseScheduler:
     """Everything the forward and reverse process need, derived from a beta schedule, and what the network
     predicts (one of PREDICTIONS).
 
-    Computed in float64 for accuracy, stored as float32 tensors; `.to(device)` moves them.
+    Computed in float64 for accuracy, stored as float32 tensors; `.to(device)` moves them.  sigma_data, the
+    standard deviation of the training data, is what the "edm" prediction is preconditioned with.
     """
 
-    def __init__(self, betas, prediction="eps"):
+    def __init__(self, betas, prediction="eps", sigma_data=None):
         betas = torch.as_tensor(betas, dtype=torch.float64)
         assert betas.ndim == 1 and (betas > 0).all() and (betas < 1).all(), "betas must lie in (0, 1)"
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {prediction!r}; choose from {', '.join(PREDICTIONS)}")
-        self.prediction = prediction
+        if prediction == "edm" and not (sigma_data is not None and sigma_data > 0):
+            raise ValueError(f"the edm prediction needs the data's standard deviation sigma_data > 0, got {sigma_data}")
+        self.prediction, self.sigma_data = prediction, sigma_data
         self.num_timesteps = betas.shape[0]
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
@@ -84,6 +92,14 @@ class NoiseScheduler:
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
         )
+        # EDM's preconditioning (Karras et al., 2022, table 1) in this process's coordinates.  Their x and sigma are
+        # x_t / alpha_t and sigma_t / alpha_t; with s = sigma_data and n_t = sqrt(sigma_t^2 + alpha_t^2 s^2), the
+        # std of x_t, c_in x = x_t / n_t, c_skip x = alpha_t s^2 / n_t^2 x_t, c_out = sigma_t s / n_t, and
+        # D = c_skip x + c_out F is the network's x_0.  (With s = 1, n_t = 1 and F = -v: v-prediction.)
+        s_data = float(sigma_data) if prediction == "edm" else 1.0
+        n_t = (1.0 - alphas_cumprod + alphas_cumprod * s_data ** 2).sqrt()
+        tensors.update(c_in=1.0 / n_t, c_skip=alphas_cumprod.sqrt() * s_data ** 2 / n_t ** 2,
+                       c_out=(1.0 - alphas_cumprod).sqrt() * s_data / n_t)
         for name, value in tensors.items():
             setattr(self, name, value.float())
         self._names = list(tensors)
@@ -109,13 +125,20 @@ class NoiseScheduler:
         return t.to(device or self.device)
 
     def timestep_probs(self, sampling):
-        """The distribution of training timesteps: None for "uniform", the paper's; for "speed", SpeeD's asymmetric
+        """The distribution of training timesteps: None for "uniform", the paper's; for "lognormal", EDM's
+        ln sigma ~ N(P_MEAN, P_STD^2) (Karras et al., 2022, section 5) for sigma = sigma_t / alpha_t = exp(-lambda_t),
+        each timestep taking the mass of its stretch of ln sigma; for "speed", SpeeD's asymmetric
         sampling (Wang et al., 2024, section 4.2).  Where the noise scale sqrt(1 - alpha-bar_t) has nearly stopped
         growing, x_t is almost pure noise and its eps almost x_t itself: little is left to learn there.  Those
         timesteps, whose slope d sqrt(1 - alpha-bar_t) / d(t / T) is below SPEED_SLOPE (t >= 641 of the linear
         schedule with T = 1000), are drawn SPEED_RATIO times less often than the others."""
         if sampling == "uniform":
             return None
+        if sampling == "lognormal":
+            log_sigma = -self.lambdas.double().cpu()
+            density = torch.exp(-0.5 * ((log_sigma - P_MEAN) / P_STD) ** 2)
+            weight = density * torch.gradient(log_sigma)[0].abs()          # the pdf times the stretch of each t
+            return (weight / weight.sum()).float().to(self.device)
         if sampling != "speed":
             raise ValueError(f"unknown timestep sampling {sampling!r}")
         noise_scale = (1.0 - self.alphas_cumprod.double().cpu()).sqrt()
@@ -130,19 +153,33 @@ class NoiseScheduler:
 
     def target(self, x0, noise, t):
         """What the network learns to predict from x_t = add_noise(x0, noise, t): the noise eps (algorithm 1,
-        line 5), v = alpha_t eps - sigma_t x_0 (Salimans & Ho, 2022, section 4), or x_0."""
+        line 5), v = alpha_t eps - sigma_t x_0 (Salimans & Ho, 2022, section 4), x_0, or for "edm" the F for which
+        c_skip x_t + c_out F = x_0 (Karras et al., 2022, eq. 8: its plain MSE is their weighted loss, lambda = 1 / c_out^2)."""
         if self.prediction == "eps":
             return noise
         if self.prediction == "x0":
             return x0
+        if self.prediction == "edm":                        # F's target, (x_0 - c_skip x) / c_out
+            x_t = self.add_noise(x0, noise, t)
+            return (x0 - extract(self.c_skip, t, x0.shape) * x_t) / extract(self.c_out, t, x0.shape)
         return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
                 - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0)
 
     def x0_loss_weight(self, t):
         """w(t) with || target - prediction ||^2 = w(t) || x_0 - x_0-hat ||^2 for the prediction learnt: SNR(t) for
-        eps, SNR(t) + 1 for v, 1 for x_0 (Salimans & Ho, 2022, section 4; Hang et al., 2023, section 3.4)."""
+        eps, SNR(t) + 1 for v, 1 for x_0 (Salimans & Ho, 2022, section 4; Hang et al., 2023, section 3.4), and
+        1 / c_out^2 = SNR(t) + 1 / sigma_data^2 for edm."""
+        if self.prediction == "edm":
+            return self.c_out[t] ** -2
         snr = self.snr[t]
         return {"eps": snr, "v": snr + 1.0, "x0": torch.ones_like(snr)}[self.prediction]
+
+    def model_input(self, x_t, t):
+        """What the network sees of x_t: x_t, or for edm c_in x = x_t / sqrt(sigma_t^2 + alpha_t^2 sigma_data^2), the
+        noisy image scaled to unit variance at every t (Karras et al., 2022, table 1)."""
+        if self.prediction != "edm":
+            return x_t
+        return x_t * extract(self.c_in, t, x_t.shape).to(x_t.dtype)
 
     # ---- reverse process -------------------------------------------------------------------
     def to_eps(self, output, x_t, t):
@@ -150,6 +187,7 @@ class NoiseScheduler:
             eps  = output                                                        (eq. 11's epsilon_theta)
             v:     eps = sigma_t x_t + alpha_t v                                 (from x_t = alpha_t x_0 + sigma_t eps)
             x0:    eps = (x_t - alpha_t x_0) / sigma_t                           (eq. 4)
+            edm:   the same, with x_0 = c_skip x_t + c_out F                     (Karras et al., 2022, eq. 7)
         with alpha_t = sqrt(alpha-bar_t), sigma_t = sqrt(1 - alpha-bar_t)."""
         output, x_t = output.float(), x_t.float()
         if self.prediction == "eps":
@@ -158,6 +196,8 @@ class NoiseScheduler:
         sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape)
         if self.prediction == "v":
             return sigma * x_t + alpha * output
+        if self.prediction == "edm":
+            output = extract(self.c_skip, t, x_t.shape) * x_t + extract(self.c_out, t, x_t.shape) * output
         return (x_t - alpha * output) / sigma
 
     def predict_x0(self, x_t, t, eps):
@@ -319,12 +359,41 @@ class NoiseScheduler:
         x_prev = sigma_prev / sigma_t * math.exp(-h) * x_t - alpha_prev * math.expm1(-2.0 * h) * d
         return x_prev + sigma_prev * math.sqrt(-math.expm1(-2.0 * h)) * _noise_like(x_t, generator), x0
 
+    def unic_correction(self, x0_t, t, x_s, s, x0_s, previous=None):
+        """UniC, the corrector of UniPC (Zhao et al., 2023, section 3.1): after a DPM-Solver++(2M) step from x_s at
+        timestep s to x_t, the network's prediction x0_t there corrects x_t itself, for no further evaluation.
+        Returns (x_t corrected, the eps that x0_t implies at the corrected x_t).
+
+        With h = lambda_t - lambda_s and B(h) = e^-h - 1 (the "bh2" variant, for data prediction), the step from s
+        is redone with the divided differences of the predictions at s (D_t = x0_t - x0_s, and with previous =
+        (t_last, x0_last) also D_last = (x0_last - x0_s) / r, r = (lambda_last - lambda_s) / h):
+            x_t = sigma_t / sigma_s x_s - alpha_t B(h) (x0_s + rho_last D_last + rho_t D_t)
+        where (rho_last, rho_t) solve the order conditions [[1, 1], [r, 1]] rho = (b_1, b_2), b_k = k! z phi_{k+1}(z)
+        / B(h) at z = -h, phi_1(z) = (e^z - 1) / z, phi_{k+1}(z) = (phi_k(z) - 1 / k!) / z (their eq. 9 and
+        theorem 3.1): a step of order 3 from a predictor of order 2.  Without previous (the first step), rho_t = 1/2:
+        the trapezoidal rule."""
+        x_s, x0_s, x0_t = x_s.float(), x0_s.float(), x0_t.float()
+        _, sigma_s, lambda_s = self._alpha_sigma(s)
+        alpha_t, sigma_t, lambda_t = self._alpha_sigma(t)
+        h = lambda_t - lambda_s
+        b_h = math.expm1(-h)
+        z_phi_2 = b_h / -h - 1.0                              # z phi_2(z) at z = -h
+        b_1, b_2 = z_phi_2 / b_h, 2.0 * (z_phi_2 / -h - 0.5) / b_h
+        d = 0.5 * (x0_t - x0_s)
+        if previous is not None:
+            t_last, x0_last = previous
+            r = (self._alpha_sigma(t_last)[2] - lambda_s) / h
+            rho_last, rho_t = (b_1 - b_2) / (1.0 - r), (b_2 - r * b_1) / (1.0 - r)
+            d = rho_last * (x0_last.float() - x0_s) / r + rho_t * (x0_t - x0_s)
+        x_t = sigma_t / sigma_s * x_s - alpha_t * b_h * (x0_s + d)
+        return x_t, (x_t - alpha_t * x0_t) / sigma_t
+
 
 class LinearNoiseScheduler(NoiseScheduler):
     """beta_t linear from beta_start to beta_end over T steps (Ho et al., 2020, section 4)."""
 
-    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps"):
-        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), prediction)
+    def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps", sigma_data=None):
+        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), prediction, sigma_data)
 
 
 class CosineNoiseScheduler(NoiseScheduler):
@@ -334,19 +403,19 @@ class CosineNoiseScheduler(NoiseScheduler):
     Here alphas_cumprod[t] is alpha-bar at the paper's step t + 1.
     """
 
-    def __init__(self, num_timesteps=1000, s=0.008, max_beta=0.999, prediction="eps"):
+    def __init__(self, num_timesteps=1000, s=0.008, max_beta=0.999, prediction="eps", sigma_data=None):
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         alphas_cumprod = f / f[0]
         betas = (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
-        super().__init__(betas, prediction)
+        super().__init__(betas, prediction, sigma_data)
 
 
 SCHEDULES = {"linear": LinearNoiseScheduler, "cosine": CosineNoiseScheduler}
 
 
-def make_scheduler(schedule="linear", num_timesteps=1000, prediction="eps"):
+def make_scheduler(schedule="linear", num_timesteps=1000, prediction="eps", sigma_data=None):
     """The scheduler named in a checkpoint's configuration."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown noise schedule {schedule!r}; choose from {', '.join(SCHEDULES)}")
-    return SCHEDULES[schedule](num_timesteps=num_timesteps, prediction=prediction)
+    return SCHEDULES[schedule](num_timesteps=num_timesteps, prediction=prediction, sigma_data=sigma_data)

@@ -68,7 +68,7 @@ from hardware import (
     peer_lost,
     setup_distributed,
 )
-from noise_scheduler import PREDICTIONS, SCHEDULES, SPEED_RATIO, TIMESTEP_SAMPLINGS, make_scheduler
+from noise_scheduler import P_MEAN, P_STD, PREDICTIONS, SCHEDULES, SPEED_RATIO, TIMESTEP_SAMPLINGS, make_scheduler
 from run_folder import (
     CKPT_NAME,
     DEFAULT_OUT_DIR,
@@ -140,7 +140,7 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
         drop = torch.rand(len(x0), generator=generator, device=device) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
     with autocast(device, precision):
-        output = net(x_t, t, labels)
+        output = net(scheduler.model_input(x_t, t), t, labels)                # (c_in x_t for edm)
     target = scheduler.target(x0, noise, t)
     if min_snr_gamma is None:
         return F.mse_loss(output.float(), target)                           # (line 5)
@@ -286,6 +286,8 @@ class Trainer:
             config.update(model_shape(images.shape[1], images.shape[2], config["channel_mults"]),
                           num_classes=int(labels.max()) + 1 if config["conditional"] else None,
                           hflip=config["dataset"] in NATURAL_IMAGES)
+            if config["prediction"] == "edm":
+                config["sigma_data"] = data_std(images)
         elif tuple(images.shape[1:]) != (config["in_channels"], config["image_size"], config["image_size"]):
             fail(f"the data in {args.data_dir} has images of shape {tuple(images.shape[1:])}, but the checkpoint "
                  f"was trained on {config['in_channels']}x{config['image_size']}x{config['image_size']}")
@@ -314,7 +316,8 @@ class Trainer:
         config.update(precision=self.precision, memory_format=LAYOUT_NAMES[layout])
         self.ema = copy.deepcopy(self.model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0)
-        self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"]).to(device)
+        self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"],
+                                        config.get("sigma_data")).to(device)
         self.t_probs = self.scheduler.timestep_probs(config["timestep_sampling"])     # None: uniform, as the paper
         self.generator = torch.Generator(device=device).manual_seed(config["seed"] * 1000 + self.rank)
 
@@ -377,6 +380,8 @@ class Trainer:
             print(f"training on {self.images.shape[0]} {config['dataset']} images, {self.device.type} in "
                   f"{self.precision}, {config['memory_format']} ({self.speed_note}), {self.world} process(es), "
                   f"{n_params / 1e6:.2f} M parameters, {length}")
+            if config["prediction"] == "edm":
+                print(f"edm preconditioning with sigma_data {config['sigma_data']:g}, the training pixels' std")
         self.preview_seconds, self.last_preview = 0.0, time.monotonic()
         self.fid_clock = time.monotonic()        # state.fid_seconds counts the training time from here
         if args.fid_every and self.master:
@@ -651,11 +656,13 @@ def build_parser():
     a("--loss", choices=LOSSES, help=f"min-snr: each timestep's term weighted by min(SNR, gamma) / SNR (Hang et al., "
       f"2023; gamma: --min-snr-gamma); plain: the paper's simple objective (default {d['loss']})")
     a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
-      f"alpha_t eps - sigma_t x_0) or x0 (default {d['prediction']})")
+      f"alpha_t eps - sigma_t x_0), x0, or edm (Karras et al., 2022's preconditioning, with sigma_data measured on "
+      f"the training images; with --loss plain, their loss weighting) (default {d['prediction']})")
     a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
-    a("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help=f"how training draws t: uniform (the paper's) or "
+    a("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help=f"how training draws t: uniform (the paper's), "
       f"speed (SpeeD's asymmetric sampling, Wang et al., 2024: the timesteps where x_t is nearly pure noise drawn "
-      f"{SPEED_RATIO:g} times less often) (default {d['timestep_sampling']})")
+      f"{SPEED_RATIO:g} times less often) or lognormal (EDM's: ln(sigma_t / alpha_t) ~ N({P_MEAN:g}, {P_STD:g}^2)) "
+      f"(default {d['timestep_sampling']})")
     a("--seed", type=int, help=f"random seed (default {d['seed']})")
     a("--channels", dest="base_channels", type=positive_int, help=f"U-Net width: channels of the first level "
       f"(default {d['base_channels']})")
@@ -716,6 +723,13 @@ def resolve_config(args, parser, ckpt):
                      + "; ".join(differ))
     config.update({k: v for k, v in given.items() if k not in RUN_KEYS})    # epochs, previews
     return config
+
+
+def data_std(images, limit=10_000):
+    """sigma_data of the edm prediction: the standard deviation of the training pixels in [-1, 1], over up to
+    `limit` images (a fixed draw, so that the same data gives the same value)."""
+    pick = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(0))[:limit]
+    return round(float(to_model_range(images[pick]).double().std()), 4)
 
 
 def model_shape(in_channels, image_size, channel_mults=None):

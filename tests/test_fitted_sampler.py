@@ -83,8 +83,8 @@ def test_generate_fits_once_and_draws_the_same_images_for_the_same_seed():
     again, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     assert pipeline.fit is fit, "the fit is made once per model"
     assert torch.equal(first, again)
-    five, _ = generate(pipeline, 8, seed=3, steps=5, progress=False)            # below 10: evenly spaced DPM-Solver++
-    assert torch.equal(five, generate(pipeline, 8, seed=3, sampler="dpm++", steps=5, progress=False)[0])
+    five, _ = generate(pipeline, 8, seed=3, steps=5, progress=False)            # below 10: UniPC
+    assert torch.equal(five, generate(pipeline, 8, seed=3, sampler="unipc", steps=5, progress=False)[0])
 
 
 def test_sampling_steps_alone_uses_the_fitted_sampler_and_refuses_impossible_step_counts(good_checkpoint, tmp_path):
@@ -94,7 +94,7 @@ def test_sampling_steps_alone_uses_the_fitted_sampler_and_refuses_impossible_ste
     assert "10-step SDE-DPM-Solver++(2M) on fitted timesteps" in result.stdout and (out / "x0_0.png").exists()
     assert "fitting timesteps to the model" in result.stderr, "the fit shows a progress bar"
     five = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4", "--steps", "5")
-    assert "5-step DPM-Solver++(2M)," in five.stdout and "fitting" not in five.stderr
+    assert "5-step UniPC (DPM-Solver++(2M) and UniC)," in five.stdout and "fitting" not in five.stderr
     refused = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--steps", "50",   # T = 50
                          check=False)
     assert refused.returncode == 2 and "fitted sampler takes 1 to 49 steps" in refused.stderr

@@ -1,6 +1,6 @@
-"""What the network predicts (eps, v, x_0) and Restart sampling: on Gaussian data, where the exact prediction is
-known, every parameterization converts exactly and samples exactly as eps-prediction does; Restart's forward jump
-has the statistics of the forward process and its passes are the ODE solver's."""
+"""What the network predicts (eps, v, x_0, EDM's F) and Restart sampling: on Gaussian data, where the exact
+prediction is known, every parameterization converts exactly and samples exactly as eps-prediction does; Restart's
+forward jump has the statistics of the forward process and its passes are the ODE solver's."""
 import math
 
 import pytest
@@ -11,6 +11,18 @@ from noise_scheduler import PREDICTIONS, make_scheduler
 from sampling import sample
 
 MU, S = 0.3, 0.25         # data x_0 ~ N(MU, S^2) in every pixel, well inside [-1, 1]
+SIGMA_DATA = 0.4          # the edm prediction's sigma_data (any positive value: the conversions are exact for each)
+
+
+def scheduler(prediction="eps"):
+    return make_scheduler("linear", 1000, prediction, SIGMA_DATA if prediction == "edm" else None)
+
+
+def edm_coefficients(sched, t, ndim):
+    """Karras et al.'s (2022, table 1) c_in, c_skip, c_out at sigma = sigma_t / alpha_t, for their x = x_t / alpha_t."""
+    a = sched.alphas_cumprod[t].double().reshape(-1, *([1] * (ndim - 1)))
+    sigma, s = ((1 - a) / a).sqrt(), SIGMA_DATA
+    return 1 / (sigma ** 2 + s ** 2).sqrt(), s ** 2 / (sigma ** 2 + s ** 2), sigma * s / (sigma ** 2 + s ** 2).sqrt()
 
 
 def exact_eps(sched, x, t):
@@ -26,6 +38,9 @@ def exact_output(sched, x, t):
     a = sched.alphas_cumprod[t].reshape(-1, *([1] * (x.dim() - 1)))
     alpha, sigma = a.sqrt(), (1 - a).sqrt()
     x0 = (x - sigma * eps) / alpha
+    if sched.prediction == "edm":                  # D(x; sigma) = c_skip x + c_out F, D the exact x_0, x = x_t / alpha
+        _, c_skip, c_out = edm_coefficients(sched, t, x.dim())
+        return ((x0 - c_skip * x / alpha) / c_out).float()
     return {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[sched.prediction]
 
 
@@ -37,12 +52,16 @@ class GaussianModel(torch.nn.Module):
         self.sched, self.in_channels, self.image_size, self.num_classes = sched, 1, 4, None
 
     def forward(self, x, t, labels=None):
+        if self.sched.prediction == "edm":         # it is given c_in x_t / alpha_t: undo that
+            c_in, _, _ = edm_coefficients(self.sched, t, x.dim())
+            alpha = self.sched.alphas_cumprod[t].sqrt().reshape(-1, 1, 1, 1)
+            x = (x / c_in * alpha).float()
         return exact_output(self.sched, x, t)
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_each_prediction_converts_exactly_to_eps_and_x0(prediction):
-    sched = make_scheduler("linear", 1000, prediction)
+    sched = scheduler(prediction)
     g = torch.Generator().manual_seed(0)
     x0 = MU + S * torch.randn(64, 1, 4, 4, generator=g)
     noise = torch.randn(x0.shape, generator=g)
@@ -57,30 +76,62 @@ def test_each_prediction_converts_exactly_to_eps_and_x0(prediction):
     assert torch.allclose(sched.to_eps(exact_output(sched, x_t, t), x_t, t), exact_eps(sched, x_t, t), atol=2e-3)
 
 
-@pytest.mark.parametrize("prediction", ["v", "x0"])
-@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpm++", 10), ("dpm++sde", 10), ("restart", 20)])
+@pytest.mark.parametrize("prediction", ["v", "x0", "edm"])
+@pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("dpm++", 10), ("dpm++sde", 10), ("restart", 20),
+                                           ("unipc", 5)])
 def test_a_sampler_given_the_exact_prediction_lands_where_it_does_with_eps(prediction, sampler, steps):
     runs = {}
     for p in ("eps", prediction):
-        sched = make_scheduler("linear", 1000, p)
+        sched = scheduler(p)
         runs[p] = sample(GaussianModel(sched), sched, 16, device=torch.device("cpu"), sampler=sampler, steps=steps,
                          generator=torch.Generator().manual_seed(1), progress=False)
     assert torch.allclose(runs["eps"], runs[prediction], atol=1e-3)
 
 
 def test_loss_weights_express_each_objective_in_x0_error():
-    """|| target - prediction ||^2 = w(t) || x_0 - x_0-hat ||^2, with w = SNR, SNR + 1, 1 for eps, v, x_0."""
+    """|| target - prediction ||^2 = w(t) || x_0 - x_0-hat ||^2, with w = SNR, SNR + 1, 1, 1 / c_out^2 for eps, v,
+    x_0, edm."""
     g = torch.Generator().manual_seed(2)
     x0, noise = torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 4, 4, generator=g)
     t = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999])
     for prediction in PREDICTIONS:
-        sched = make_scheduler("linear", 1000, prediction)
+        sched = scheduler(prediction)
         x_t = sched.add_noise(x0, noise, t)
         wrong = sched.target(x0, noise, t) + 0.01 * torch.randn(x0.shape, generator=g)
         x0_hat = sched.predict_x0(x_t, t, sched.to_eps(wrong, x_t, t))
         lhs = (wrong - sched.target(x0, noise, t)).pow(2).mean(dim=(1, 2, 3))
         rhs = sched.x0_loss_weight(t) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
         assert torch.allclose(lhs, rhs, rtol=2e-2), prediction
+
+
+def test_edm_preconditioning_feeds_the_network_unit_variance_and_asks_for_a_unit_variance_target():
+    """Karras et al. (2022, table 1): c_in gives the network inputs of unit variance at every noise level, and with
+    data of std sigma_data the target of F has unit variance too; with sigma_data = 1 it is -v."""
+    sched = scheduler("edm")
+    g = torch.Generator().manual_seed(4)
+    t = torch.tensor([0, 50, 200, 500, 999]).repeat_interleave(20_000)
+    x0 = SIGMA_DATA * torch.randn(len(t), 1, 1, 1, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    x_in = sched.model_input(sched.add_noise(x0, noise, t), t).reshape(5, -1)
+    target = sched.target(x0, noise, t).reshape(5, -1)
+    assert torch.allclose(x_in.std(dim=1), torch.ones(5), atol=0.02)
+    assert torch.allclose(target.std(dim=1), torch.ones(5), atol=0.02)
+    v_sched, unit = make_scheduler("linear", 1000, "v"), make_scheduler("linear", 1000, "edm", 1.0)
+    assert torch.allclose(unit.target(x0, noise, t), -v_sched.target(x0, noise, t), atol=1e-3)
+    assert torch.equal(make_scheduler().model_input(x0, t), x0), "the other predictions see x_t itself"
+    with pytest.raises(ValueError, match="sigma_data"):
+        make_scheduler("linear", 1000, "edm")
+
+
+def test_lognormal_sampling_puts_half_the_mass_below_edms_median_noise_level():
+    """ln(sigma_t / alpha_t) ~ N(-1.2, 1.2^2): half the draws below sigma = e^-1.2, 16% above e^0 (one std up)."""
+    sched = scheduler()
+    probs = sched.timestep_probs("lognormal")
+    assert probs.shape == (1000,) and float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    t = sched.sample_timesteps(200_000, torch.Generator().manual_seed(0), probs=probs)
+    log_sigma = -sched.lambdas[t]
+    assert float((log_sigma < -1.2).float().mean()) == pytest.approx(0.5, abs=0.02)
+    assert float((log_sigma > 0.0).float().mean()) == pytest.approx(0.1587, abs=0.02)
 
 
 def test_restart_forward_jump_gives_the_forward_process_statistics():

@@ -151,3 +151,24 @@ def test_a_checkpoint_of_before_timestep_sampling_resumes_uniform_and_the_option
                          "--timestep-sampling", "uniform", "--epochs", "3", check=False)
     assert refused.returncode == 2 and "--timestep-sampling uniform (checkpoint: speed)" in refused.stderr
     assert load(tmp_path / "speed" / "ddpm_ckpt.pth")["step"] == speed["step"], "nothing was trained or written"
+
+
+def test_an_edm_run_measures_sigma_data_on_its_images_keeps_it_on_resume_and_samples(data_dir, tmp_path):
+    """--prediction edm preconditions with the training pixels' std, which the checkpoint keeps: a resumed run and
+    the sampler use the value the run started with."""
+    from dataset import load_dataset, to_model_range
+    from sampling import generate, load_model
+
+    edm = ("--prediction", "edm", "--timestep-sampling", "lognormal", "--loss", "plain")
+    first = train_tiny(data_dir, tmp_path / "edm", *edm, "--epochs", "1")
+    images, _ = load_dataset("mnist", data_dir)
+    sigma_data = float(to_model_range(images).double().std())
+    assert 0.1 < sigma_data < 1 and first["config"]["sigma_data"] == pytest.approx(sigma_data, abs=1e-4)
+    resumed = train_tiny(data_dir, tmp_path / "edm", "--resume", "--epochs", "2")
+    assert resumed["config"]["sigma_data"] == first["config"]["sigma_data"] and resumed["step"] > first["step"]
+    pipeline = load_model(tmp_path / "edm" / "ddpm_ckpt.pth", "cpu", "fp32")
+    assert pipeline.scheduler.sigma_data == first["config"]["sigma_data"]
+    drawn, _ = generate(pipeline, 4, sampler="dpm++", steps=5, progress=False)
+    assert drawn.shape == (4, 1, 28, 28) and drawn.dtype == torch.uint8 and drawn.float().std() > 0
+    plain = train_tiny(data_dir, tmp_path / "eps", "--epochs", "1")
+    assert "sigma_data" not in plain["config"], "only the edm prediction measures the data"
