@@ -49,8 +49,8 @@ from hardware import autocast, describe_device, resolve_precision
 from run_folder import DEFAULT_CKPT
 from sampling import (
     DEFAULT_GUIDANCE,
-    FITTED_FROM,
     SAMPLERS,
+    STEPS_SAMPLER,
     Pipeline,
     check_sampling_options,
     check_walk,
@@ -632,7 +632,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed of the samples (default 0, as sampling.py)")
     add_device_options(p, "sampling precision; auto = the faster of bf16 and fp32, timed on this device at start-up")
     p.add_argument("--sampler", default=None, choices=SAMPLERS, help="as sampling.py: ddpm (all T steps, the "
-                   f"default without --steps; with --steps, unipc below {FITTED_FROM} and fitted from {FITTED_FROM}), "
+                   f"default without --steps; with --steps, {STEPS_SAMPLER}), "
                    "fitted, ddim, dpm++, dpm++sde, unipc or restart")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="network evaluations of the few-step samplers (default 50 for ddim, 10 for fitted, 20 for the "

@@ -77,35 +77,40 @@ def test_fitted_timesteps_beat_fixed_ones_on_gaussian_data_and_afs_saves_an_eval
 def test_generate_fits_once_and_draws_the_same_images_for_the_same_seed():
     scheduler = make_scheduler("linear", 1000)
     pipeline = Pipeline(GaussianModel(scheduler), scheduler, torch.device("cpu"))
-    first, _ = generate(pipeline, 8, seed=3, steps=10, progress=False)         # steps alone, 10: the fitted sampler
+    first, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     fit = pipeline.fit
     assert fit is not None and len(fit["grid"]) == FIT_GRID
     again, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     assert pipeline.fit is fit, "the fit is made once per model"
     assert torch.equal(first, again)
-    five, _ = generate(pipeline, 8, seed=3, steps=5, progress=False)            # below 10: UniPC
-    assert torch.equal(five, generate(pipeline, 8, seed=3, sampler="unipc", steps=5, progress=False)[0])
+    for steps in (5, 10):                                                       # steps alone: UniPC
+        alone, _ = generate(pipeline, 8, seed=3, steps=steps, progress=False)
+        assert torch.equal(alone, generate(pipeline, 8, seed=3, sampler="unipc", steps=steps, progress=False)[0])
+    assert not torch.equal(alone, first)
 
 
-def test_sampling_steps_alone_uses_the_fitted_sampler_and_refuses_impossible_step_counts(good_checkpoint, tmp_path):
+def test_sampling_steps_alone_uses_unipc_and_refuses_impossible_step_counts(good_checkpoint, tmp_path):
     out = tmp_path / "s"
-    result = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4",
-                        "--steps", "10")
-    assert "10-step SDE-DPM-Solver++(2M) on fitted timesteps" in result.stdout and (out / "x0_0.png").exists()
-    assert "fitting timesteps to the model" in result.stderr, "the fit shows a progress bar"
-    five = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4", "--steps", "5")
-    assert "5-step UniPC (DPM-Solver++(2M) and UniC)," in five.stdout and "fitting" not in five.stderr
-    refused = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--steps", "50",   # T = 50
-                         check=False)
-    assert refused.returncode == 2 and "fitted sampler takes 1 to 49 steps" in refused.stderr
-    last = refused.stderr.strip().splitlines()[-1]                        # argparse's usage, then one sentence
-    assert last.startswith("sampling.py: error:") and "Traceback" not in refused.stderr
+    for steps in ("5", "10"):
+        alone = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4",
+                           "--steps", steps)
+        assert f"{steps}-step UniPC (DPM-Solver++(2M) and UniC)," in alone.stdout and "fitting" not in alone.stderr
+    fitted = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4",
+                        "--sampler", "fitted", "--steps", "10")
+    assert "10-step SDE-DPM-Solver++(2M) on fitted timesteps" in fitted.stdout and (out / "x0_0.png").exists()
+    assert "fitting timesteps to the model" in fitted.stderr, "the fit shows a progress bar"
+    for options, sentence in ((["--steps", "50"], "UniPC takes 1 to 49 steps"),                    # T = 50
+                              (["--sampler", "fitted", "--steps", "50"], "fitted sampler takes 1 to 49 steps")):
+        refused = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, *options, check=False)
+        assert refused.returncode == 2 and sentence in refused.stderr, refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]                    # argparse's usage, then one sentence
+        assert last.startswith("sampling.py: error:") and "Traceback" not in refused.stderr
 
 
 def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_when_damaged(train_tiny, tmp_path):
-    """The first `--steps 10` fits and stores the fit in the checkpoint (not as a new save: the previous one stays);
-    the next run reads it (no fit, the same images); export.py carries it; a fit stored for other weights is made
-    again; a malformed stored fit stops with one sentence and exit 1."""
+    """The first `--sampler fitted --steps 10` fits and stores the fit in the checkpoint (not as a new save: the
+    previous one stays); the next run reads it (no fit, the same images); export.py carries it; a fit stored for other
+    weights is made again; a malformed stored fit stops with one sentence and exit 1."""
     from checkpoint import load_checkpoint, previous_path, save_checkpoint
     from sampling import read_model, weights_digest
     out = tmp_path / "run"
@@ -113,13 +118,13 @@ def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_wh
     ckpt = out / "ddpm_ckpt.pth"
     previous = open(previous_path(str(ckpt)), "rb").read()
     first = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "a", "--num-samples", "4",
-                        "--steps", "10")
+                        "--sampler", "fitted", "--steps", "10")
     assert "fitting timesteps" in first.stderr
     state = load_checkpoint(str(ckpt))
     assert state["fit"]["weights"] == weights_digest(state["ema"]) and state["step"] == 2 * 256 // 32
     assert open(previous_path(str(ckpt)), "rb").read() == previous, "storing the fit is not a new save"
     second = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "b", "--num-samples", "4",
-                        "--steps", "10")
+                        "--sampler", "fitted", "--steps", "10")
     assert "fitting timesteps" not in second.stderr
     assert (tmp_path / "a" / "x0_0.png").read_bytes() == (tmp_path / "b" / "x0_0.png").read_bytes()
 
@@ -132,6 +137,7 @@ def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_wh
     assert read_model(str(ckpt), torch.device("cpu")).fit is None, "a fit of other weights is never used"
     damaged = dict(state, fit={**state["fit"], "cost": [[0.0]]})
     save_checkpoint(damaged, str(ckpt), keep_previous=False)
-    refused = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "c", "--steps", "10", check=False)
+    refused = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "c", "--sampler", "fitted",
+                         "--steps", "10", check=False)
     assert refused.returncode == 1 and "fitted timesteps stored in" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
