@@ -1,6 +1,6 @@
-"""The README's option tables agree with the scripts' argparse parsers.
+"""The option tables of docs/reference.md (called "the README" below) agree with the scripts' argparse parsers.
 
-Convention (what the README must follow for this test to find its tables):
+Convention (what the reference must follow for this test to find its tables):
 - An option table is a markdown table whose header row starts with `| option |`; its first column
   names one or more options, each in backticks (`--lr`, `--save-every K`, `--conditional`,
   `--label-dropout`), and a column headed `default` gives their defaults, separated by commas when
@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-README = os.path.join(ROOT, "README.md")
+README = os.path.join(ROOT, "docs", "reference.md")
 SCRIPTS = ("training", "sampling", "evaluate", "visualize", "benchmark", "export")
 SCRIPT_NAME = re.compile(r"\b(" + "|".join(SCRIPTS) + r")\.py\b")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
