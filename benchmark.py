@@ -12,7 +12,7 @@ printed), training images/s and the fraction of the better of the two matmul pea
 FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
 (timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
 (timed in full), the fit of the fitted sampler's timesteps, and what `sampling.py --steps 5` and `--steps 10` draw
-(sampling.few_step_sampler); and peak memory (RSS on
+(sampling.STEPS_SAMPLER); and peak memory (RSS on
 the CPU, allocated on a GPU).
 """
 import argparse
@@ -34,7 +34,7 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from sampling import Pipeline, few_step_sampler, fit_costs, generate, sample
+from sampling import STEPS_SAMPLER, Pipeline, fit_costs, generate, sample
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
 
@@ -246,8 +246,8 @@ def main(argv=None):
             (f"{args.num_samples} samples x 50 DDIM steps", f"{r['ddim_50_steps_seconds']:.1f} s"),
             (f"{args.num_samples} samples x 20 DPM-Solver++ steps", f"{r['dpm_20_steps_seconds']:.1f} s"),
             ("fitting the fitted sampler's timesteps", f"{r['fit_seconds']:.1f} s (once per model)"),
-            (f"{args.num_samples} samples, --steps 5 ({few_step_sampler(5)})", f"{r['steps_5_seconds']:.2f} s"),
-            (f"{args.num_samples} samples, --steps 10 ({few_step_sampler(10)})", f"{r['steps_10_seconds']:.2f} s"),
+            (f"{args.num_samples} samples, --steps 5 ({STEPS_SAMPLER})", f"{r['steps_5_seconds']:.2f} s"),
+            (f"{args.num_samples} samples, --steps 10 ({STEPS_SAMPLER})", f"{r['steps_10_seconds']:.2f} s"),
         ]
         print(f"--precision {option}")
         width = max(len(k) for k, _ in rows)

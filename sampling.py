@@ -66,11 +66,6 @@ LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced ev
 STEPS_SAMPLER = "unipc"
 
 
-def few_step_sampler(steps):
-    """The sampler that `--steps N` alone asks for: STEPS_SAMPLER, whatever N."""
-    return STEPS_SAMPLER
-
-
 def spacing(sampler, steps):
     """How a few-step sampler spaces its timesteps (noise_scheduler.timesteps), chosen by measured FID
     (docs/experiments.md, Timestep spacing of DPM-Solver++): DDIM evenly in t; DPM-Solver++ evenly in t for up
@@ -518,13 +513,13 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, ste
     The noise comes from one generator seeded with `seed`, drawn `batch_size` images at a time, so the same seed
     gives the same images.  A conditional model draws class `label`, or else class k in row k of a 10-column
     grid (image i is class i // 10, modulo the number of classes).  sampler, steps (default DEFAULT_STEPS), eta
-    and guidance_scale are sample()'s; without a sampler, `steps` alone asks for few_step_sampler(steps) and
+    and guidance_scale are sample()'s; without a sampler, `steps` alone asks for STEPS_SAMPLER and
     nothing at all for the paper's DDPM, as in sampling.py.  callback(t, x_t, x0_pred) is called after every step
     of every batch.
     """
     model, device, num_classes = pipeline.model, pipeline.device, pipeline.model.num_classes
     if sampler is None:
-        sampler = few_step_sampler(steps) if steps is not None else "ddpm"
+        sampler = STEPS_SAMPLER if steps is not None else "ddpm"
     if sampler != "ddpm" and steps is None:
         steps = DEFAULT_STEPS[sampler]
     timesteps, afs = walk_of(pipeline, sampler, steps, progress)
@@ -643,11 +638,10 @@ def parse_args(argv=None):
 
 def check_sampling_options(args, parser):
     """Usage errors (exit 2) for the sampling options shared with evaluate.py; resolves args.device and the
-    sampler: --steps alone asks for few_step_sampler (of its smallest count), no option at all for the paper's
+    sampler: --steps alone asks for STEPS_SAMPLER, no option at all for the paper's
     DDPM."""
     if args.sampler is None:
-        counts = args.steps if isinstance(args.steps, list) else [args.steps]      # sampling.py takes a list
-        args.sampler = few_step_sampler(min(counts)) if args.steps else "ddpm"
+        args.sampler = STEPS_SAMPLER if args.steps else "ddpm"
     if args.sampler != "ddpm" and args.steps is None:
         args.steps = [DEFAULT_STEPS[args.sampler]]
     if not 0.0 <= args.eta <= 1.0:
