@@ -1,4 +1,4 @@
-"""The option tables of docs/reference.md (called "the README" below) agree with the scripts' argparse parsers.
+"""The option tables of docs/reference.md (called "the reference" below) agree with the scripts' argparse parsers.
 
 Convention (what the reference must follow for this test to find its tables):
 - An option table is a markdown table whose header row starts with `| option |`; its first column
@@ -10,7 +10,7 @@ Convention (what the reference must follow for this test to find its tables):
   parent heading, and so on. Headings inside fenced code blocks are ignored.
 
 Checked for each script (training, sampling, evaluate, visualize, benchmark), against `build_parser()`:
-- the README has an option table for it (the handful of options most runs need: the README points to
+- the reference has an option table for it (the handful of options most runs need: the reference points to
   `--help` for the rest);
 - every option in the script's tables is an option of its parser, named once;
 - every choice of an option with `choices` is named, in backticks, somewhere in its row, unless the
@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-README = os.path.join(ROOT, "docs", "reference.md")
+REFERENCE = os.path.join(ROOT, "docs", "reference.md")
 SCRIPTS = ("training", "sampling", "evaluate", "visualize", "benchmark", "export")
 SCRIPT_NAME = re.compile(r"\b(" + "|".join(SCRIPTS) + r")\.py\b")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
@@ -86,7 +86,7 @@ def split_outside_backticks(text, sep=","):
     return parts
 
 
-def readme_tables(path=README):
+def reference_tables(path=REFERENCE):
     """[(script or None, heading chain, line number, header cells, rows)] for every option table."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
@@ -144,7 +144,7 @@ def as_number(value):
 
 
 def same_default(literal, default):
-    """Whether a README literal (float or str) states the parser's default (int, float, str or list)."""
+    """Whether a literal of the reference (float or str) states the parser's default (int, float, str or list)."""
     if isinstance(default, (list, tuple)):
         if isinstance(literal, float) and len(default) == 1:
             return as_number(default[0]) == literal
@@ -179,29 +179,30 @@ def effective_default(module, action):
 
 
 def check_script(script, tables):
-    """Every disagreement between the script's README tables and its parser, one sentence each."""
+    """Every disagreement between the script's tables in the reference and its parser, one sentence each."""
     module = importlib.import_module(script)
     options = parser_options(module)
     problems, seen = [], {}
     mine = [t for t in tables if t[0] == f"{script}"]
     if not mine:
-        return [f"{script}.py: the README has no option table under a heading that names {script}.py"]
+        return [f"{script}.py: the reference has no option table under a heading that names {script}.py"]
     for _, _, start, header, rows in mine:
         if "default" not in header:
-            problems.append(f"{script}.py: the option table at README line {start} has no 'default' column")
+            problems.append(f"{script}.py: the option table at docs/reference.md line {start} has no 'default' column")
             continue
         col = header.index("default")
         for lineno, cells in rows:
             named = OPTION.findall(cells[0])
             if not named:
-                problems.append(f"{script}.py: README line {lineno} names no option in backticks: {cells[0]!r}")
+                problems.append(f"{script}.py: docs/reference.md line {lineno} names no option in backticks: "
+                                f"{cells[0]!r}")
                 continue
             for name in named:
                 if name in seen:
-                    problems.append(f"{script}.py: {name} is in the README twice (lines {seen[name]} and {lineno})")
+                    problems.append(f"{script}.py: {name} is in the reference twice (lines {seen[name]} and {lineno})")
                 seen.setdefault(name, lineno)
                 if name not in options:
-                    problems.append(f"{script}.py: the README (line {lineno}) lists {name}, which the parser "
+                    problems.append(f"{script}.py: docs/reference.md (line {lineno}) lists {name}, which the parser "
                                     f"does not have")
             described = " ".join(cells[1:])
             if not REFERS.search(described):
@@ -211,7 +212,7 @@ def check_script(script, tables):
                     missing = [str(c) for c in choices if str(c) not in mentioned]
                     if missing:
                         problems.append(f"{script}.py {name}: the parser accepts {', '.join(missing)}, which the "
-                                        f"README (line {lineno}) does not name in backticks; the parser's choices: "
+                                        f"reference (line {lineno}) does not name in backticks; the parser's choices: "
                                         f"{', '.join(map(str, choices))}")
             cell = cells[col] if col < len(cells) else ""
             parts = split_outside_backticks(cell) if len(named) > 1 else [cell]
@@ -220,7 +221,7 @@ def check_script(script, tables):
                     parts = parts * len(named)           # one default shared by all the options of the row
                 else:
                     if all(parse_literal(p) is not None for p in parts):
-                        problems.append(f"{script}.py: README line {lineno} lists {len(named)} options "
+                        problems.append(f"{script}.py: docs/reference.md line {lineno} lists {len(named)} options "
                                         f"({', '.join(named)}) but {len(parts)} defaults ({cell!r})")
                     continue
             for name, part in zip(named, parts):
@@ -231,28 +232,29 @@ def check_script(script, tables):
                 if default is None or isinstance(default, bool):
                     continue
                 if not same_default(literal, default):
-                    problems.append(f"{script}.py {name}: the README (line {lineno}) gives the default "
+                    problems.append(f"{script}.py {name}: docs/reference.md (line {lineno}) gives the default "
                                     f"{show(literal)}, the parser {show(default)}")
     return problems
 
 
 def test_every_option_table_belongs_to_one_script():
-    tables = readme_tables()
-    assert tables, "the README has no option tables (markdown tables whose header starts with '| option |')"
-    bad = [f"README line {start}: under {' > '.join(chain) or 'no heading'}, the nearest enclosing heading that names "
+    tables = reference_tables()
+    assert tables, "the reference has no option tables (markdown tables whose header starts with '| option |')"
+    bad = [f"docs/reference.md line {start}: under {' > '.join(chain) or 'no heading'}, the nearest enclosing heading "
+           f"that names "
            f"a script names {script!r}" for script, chain, start, _, _ in tables if not isinstance(script, str)]
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_readme_options_match_the_parser(script):
-    problems = check_script(script, readme_tables())
+    problems = check_script(script, reference_tables())
     assert not problems, "\n".join(problems)
 
 
 def test_the_check_catches_a_renamed_option_a_wrong_default_and_a_missing_choice(tmp_path):
-    """The checker itself: a README with an option renamed, a wrong default, or a choice left out, fails."""
-    text = open(README, encoding="utf-8").read()
+    """The checker itself: a reference with an option renamed, a wrong default, or a choice left out, fails."""
+    text = open(REFERENCE, encoding="utf-8").read()
     row = "| `--channels` | 32 |"
     choice = "`mnist`, `fashion-mnist`, `cifar10` or `folder`"
     assert row in text and choice in text, "training.py's table changed; update this test's example rows"
@@ -264,14 +266,14 @@ def test_the_check_catches_a_renamed_option_a_wrong_default_and_a_missing_choice
     for case, (changed, expected) in cases.items():
         path = tmp_path / f"{case}.md"
         path.write_text(changed, encoding="utf-8")
-        problems = "\n".join(check_script("training", readme_tables(str(path))))
+        problems = "\n".join(check_script("training", reference_tables(str(path))))
         assert expected in problems, f"{case}: {problems or 'no problem found'}"
 
 
 def test_each_script_section_points_to_its_help_for_every_option():
-    text = " ".join(open(README, encoding="utf-8").read().split())
+    text = " ".join(open(REFERENCE, encoding="utf-8").read().split())
     missing = [s for s in ("training", "sampling", "evaluate") if f"All options: `python {s}.py --help`" not in text]
-    assert not missing, f"the README does not say where all options of {missing} are"
+    assert not missing, f"docs/reference.md does not say where all options of {missing} are"
 
 
 @pytest.mark.parametrize("cell, default, same", [
