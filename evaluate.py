@@ -334,10 +334,11 @@ def sampler_text(args, pipeline):
 def draw(pipeline, num_samples, log, *, seed, batch_size, sampler, steps, eta, guidance_scale, progress=True):
     """uint8 images (N, C, H, W) drawn by sampling.generate with the options given, the labels asked for (None if
     unconditional), and the seconds it took: the images that `sampling.py --individual` writes with those options.
-    The fitted sampler's fit, made once per model, is not counted in the seconds."""
-    if sampler == "fitted" and pipeline.fit is None:
-        start = time.perf_counter()
-        walk_of(pipeline, sampler, steps, progress)
+    What is fitted to the model (UniPC's walk, the fitted sampler's timesteps), made once per model, is not counted
+    in the seconds."""
+    fit, start = pipeline.fit, time.perf_counter()
+    walk_of(pipeline, sampler, steps, progress)
+    if pipeline.fit is not fit:
         log(f"fitted the timesteps to the model in {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
     images, requested = generate(pipeline, num_samples, seed=seed, batch_size=batch_size, sampler=sampler,

@@ -192,6 +192,21 @@ class UNet(nn.Module):
                 h = layer(h)
         return self.conv_out(norm_silu(self.norm_out, h))
 
+    def features(self, x, t, y=None):
+        """The network's own description of images x at timestep t, (B, D): the output of every block of the down
+        path and of the middle, each averaged over the image and divided by the square root of its channels so that
+        every level weighs alike, side by side.  The up path is not run.  sampling.fit_walk_power compares images
+        with it, as FID compares them with an Inception network's."""
+        emb = self.time_embedding(t)
+        if self.label_embedding is not None:
+            emb = emb + self.label_embedding(torch.full_like(t, self.num_classes) if y is None else y)
+        h, pooled = self.conv_in(x), []
+        for layer in [*self.down, *self.mid]:
+            h = layer(h, emb) if isinstance(layer, Block) else layer(h)
+            if isinstance(layer, Block):
+                pooled.append(h.float().mean((2, 3)) / h.shape[1] ** 0.5)
+        return torch.cat(pooled, dim=1)
+
 
 def count_flops(model, batch_size=1):
     """Forward-pass FLOPs per image (a multiply-add counts as 2), from PyTorch's FLOP counter."""

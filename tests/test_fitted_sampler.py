@@ -1,14 +1,19 @@
-"""The fitted sampler: timesteps placed by dynamic programming on the model's own trajectories (GITS), the
+"""What is fitted to a trained model: UniPC's walk for `--steps N` (its power, chosen by the network's own
+features), the fitted sampler's timesteps placed by dynamic programming on the model's own trajectories (GITS), the
 analytic first step, and `sampling.py --steps N` through the scripts."""
 import itertools
 import random
+import shutil
 
+import pytest
 import torch
 
+import sampling
 from conftest import run_script
 from noise_scheduler import make_scheduler
-from sampling import FIT_GRID, Pipeline, fit_costs, fit_timesteps, generate, sample
+from sampling import FIT_GRID, WALK_POWERS, Pipeline, fit_costs, fit_timesteps, generate, sample, unipc_timesteps
 from test_solvers import MU, S, gaussian_eps
+from unet import UNet
 
 
 def brute_force(fit, steps, afs):
@@ -83,50 +88,91 @@ def test_generate_fits_once_and_draws_the_same_images_for_the_same_seed():
     again, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     assert pipeline.fit is fit, "the fit is made once per model"
     assert torch.equal(first, again)
-    for steps in (5, 10):                                                       # steps alone: UniPC
+    for steps in (10, 20):                           # steps alone: UniPC, evenly spaced from WALK_FIT_BELOW on
         alone, _ = generate(pipeline, 8, seed=3, steps=steps, progress=False)
         assert torch.equal(alone, generate(pipeline, 8, seed=3, sampler="unipc", steps=steps, progress=False)[0])
     assert not torch.equal(alone, first)
 
 
+def test_unipc_walk_of_power_one_is_even_spacing_and_a_larger_power_crowds_it_towards_the_data():
+    for T in (50, 1000):
+        scheduler = make_scheduler("linear", T)
+        for steps in range(1, min(T, 60)):
+            assert unipc_timesteps(scheduler, steps) == scheduler.timesteps(steps + 1, "uniform")
+        for power in (1.25, 1.5, 2.0):
+            walk = unipc_timesteps(scheduler, 5, power)
+            assert walk[0] == T - 1 and walk[-1] == 0 and walk == sorted(set(walk), reverse=True)
+            assert walk[-2] < unipc_timesteps(scheduler, 5)[-2], "the last evaluation nearer the data"
+        with pytest.raises(ValueError, match="takes 1 to"):
+            unipc_timesteps(scheduler, T)
+    with pytest.raises(ValueError, match="repeat a timestep"):
+        unipc_timesteps(make_scheduler("linear", 50), 40, 2.0)
+
+
+def test_the_walk_fit_keeps_the_power_whose_images_are_nearest_the_reference(monkeypatch):
+    """With the reference made UniPC's own evenly spaced walk, power 1 draws the very same images (distance 0), so
+    the fit must choose it wherever it stands among the powers; the same weights and seed choose the same again."""
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=()).eval()
+    torch.nn.init.normal_(model.conv_out.weight, std=0.1)                  # a network that predicts some noise
+    scheduler = make_scheduler("linear", 50)
+    pipeline = Pipeline(model, scheduler, torch.device("cpu"))
+    monkeypatch.setattr(sampling, "FID_SAMPLER", ("unipc", 5))
+    for powers in ((2.0, 1.5, 1.0, 1.25), (1.25, 1.0)):
+        monkeypatch.setattr(sampling, "WALK_POWERS", powers)
+        assert sampling.fit_walk_power(pipeline, 5, samples=40, progress=False) == 1.0
+    monkeypatch.undo()
+    first = sampling.fit_walk_power(pipeline, 4, samples=40, progress=False)
+    assert first in WALK_POWERS and first == sampling.fit_walk_power(pipeline, 4, samples=40, progress=False)
+
+
 def test_sampling_steps_alone_uses_unipc_and_refuses_impossible_step_counts(good_checkpoint, tmp_path):
-    out = tmp_path / "s"
+    out, ckpt = tmp_path / "s", tmp_path / "ddpm_ckpt.pth"
+    shutil.copy(good_checkpoint, ckpt)                     # (the fit is stored in it: not in the shared checkpoint)
     for steps in ("5", "10"):
-        alone = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4",
-                           "--steps", steps)
-        assert f"{steps}-step UniPC (DPM-Solver++(2M) and UniC)," in alone.stdout and "fitting" not in alone.stderr
-    fitted = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "4",
+        alone = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", out, "--num-samples", "4", "--steps", steps)
+        assert f"{steps}-step UniPC (DPM-Solver++(2M) and UniC)," in alone.stdout
+        fits = f"fitting UniPC's {steps}-step walk to the model" in alone.stderr      # with a progress bar
+        assert fits == (steps == "5"), alone.stderr
+    fitted = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", out, "--num-samples", "4",
                         "--sampler", "fitted", "--steps", "10")
     assert "10-step SDE-DPM-Solver++(2M) on fitted timesteps" in fitted.stdout and (out / "x0_0.png").exists()
     assert "fitting timesteps to the model" in fitted.stderr, "the fit shows a progress bar"
     for options, sentence in ((["--steps", "50"], "UniPC takes 1 to 49 steps"),                    # T = 50
                               (["--sampler", "fitted", "--steps", "50"], "fitted sampler takes 1 to 49 steps")):
-        refused = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, *options, check=False)
+        refused = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", out, *options, check=False)
         assert refused.returncode == 2 and sentence in refused.stderr, refused.stderr
         last = refused.stderr.strip().splitlines()[-1]                    # argparse's usage, then one sentence
         assert last.startswith("sampling.py: error:") and "Traceback" not in refused.stderr
 
 
 def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_when_damaged(train_tiny, tmp_path):
-    """The first `--sampler fitted --steps 10` fits and stores the fit in the checkpoint (not as a new save: the
-    previous one stays); the next run reads it (no fit, the same images); export.py carries it; a fit stored for other
-    weights is made again; a malformed stored fit stops with one sentence and exit 1."""
+    """The first `--steps 5` fits UniPC's walk and `--sampler fitted --steps 10` the fitted sampler's timesteps; both
+    are stored in the checkpoint (not as a new save: the previous one stays); the next runs read them (no fit, the
+    same images); export.py carries them; a fit stored for other weights is made again; a malformed stored fit stops
+    with one sentence and exit 1."""
     from checkpoint import load_checkpoint, previous_path, save_checkpoint
     from sampling import read_model, weights_digest
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "2", "--preview-samples", "0")
     ckpt = out / "ddpm_ckpt.pth"
     previous = open(previous_path(str(ckpt)), "rb").read()
-    first = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "a", "--num-samples", "4",
-                        "--sampler", "fitted", "--steps", "10")
-    assert "fitting timesteps" in first.stderr
+    runs = {"walk": ["--steps", "5"], "fitted": ["--sampler", "fitted", "--steps", "10"]}
+
+    def draw(name, folder, check=True):
+        return run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / folder / name, "--num-samples", "4",
+                          *runs[name], check=check)
+    assert "fitting UniPC's 5-step walk" in draw("walk", "a").stderr
+    assert load_checkpoint(str(ckpt))["fit"]["walk_power"]["5"] in WALK_POWERS
+    assert "fitting timesteps" in draw("fitted", "a").stderr
     state = load_checkpoint(str(ckpt))
     assert state["fit"]["weights"] == weights_digest(state["ema"]) and state["step"] == 2 * 256 // 32
+    assert set(state["fit"]["walk_power"]) == {"5"} and len(state["fit"]["grid"]) == min(FIT_GRID, 50)
     assert open(previous_path(str(ckpt)), "rb").read() == previous, "storing the fit is not a new save"
-    second = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "b", "--num-samples", "4",
-                        "--sampler", "fitted", "--steps", "10")
-    assert "fitting timesteps" not in second.stderr
-    assert (tmp_path / "a" / "x0_0.png").read_bytes() == (tmp_path / "b" / "x0_0.png").read_bytes()
+    for name in runs:
+        again = draw(name, "b")
+        assert "fitting" not in again.stderr
+        assert (tmp_path / "a" / name / "x0_0.png").read_bytes() == (tmp_path / "b" / name / "x0_0.png").read_bytes()
 
     export = tmp_path / "model.safetensors"
     run_script("export.py", "--ckpt", ckpt, "--out", export)
@@ -135,9 +181,9 @@ def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_wh
     other = dict(state, fit={**state["fit"], "weights": "0" * 64})
     save_checkpoint(other, str(ckpt), keep_previous=False)
     assert read_model(str(ckpt), torch.device("cpu")).fit is None, "a fit of other weights is never used"
-    damaged = dict(state, fit={**state["fit"], "cost": [[0.0]]})
-    save_checkpoint(damaged, str(ckpt), keep_previous=False)
-    refused = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / "c", "--sampler", "fitted",
-                         "--steps", "10", check=False)
-    assert refused.returncode == 1 and "fitted timesteps stored in" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+    for name, damage in (("fitted", {"cost": [[0.0]]}), ("walk", {"walk_power": {"5": "1.5"}}),
+                         ("walk", {"walk_power": {"five": 1.5}})):
+        save_checkpoint(dict(state, fit={**state["fit"], **damage}), str(ckpt), keep_previous=False)
+        refused = draw(name, "c", check=False)
+        assert refused.returncode == 1 and "fitted timesteps stored in" in refused.stderr, damage
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
