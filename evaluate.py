@@ -651,12 +651,12 @@ def build_parser():
                    help="where the classifier and test statistics are cached (default: --data-dir)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object (progress goes to stderr)")
     p.add_argument("--sweep", action="store_true", help="FID of DDIM (eta 0 and 1), DPM-Solver++, its SDE form, "
-                   "Restart and the fitted sampler at each of --sweep-steps, of the ODE's limit (50-step "
+                   "UniPC, Restart and the fitted sampler at each of --sweep-steps, of the ODE's limit (50-step "
                    "DPM-Solver++) and of the 1000-step DDPM: a table, SWEEP.json and a picture SWEEP.png")
     p.add_argument("--sweep-steps", type=int_list, default=[5, 10, 20, 50],
                    help="step counts of --sweep (default 5,10,20,50)")
     p.add_argument("--sweep-samplers", type=sampler_list, default=list(SAMPLERS), help="the samplers of --sweep "
-                   "(default all: ddpm,ddim,dpm++,dpm++sde,restart,fitted); ddpm is the 1000-step point")
+                   "(default all: ddpm,ddim,dpm++,dpm++sde,restart,fitted,unipc); ddpm is the 1000-step point")
     p.add_argument("--sweep-out", default=None, metavar="SWEEP.json",
                    help="where --sweep writes its points (default: sweep.json beside the checkpoint; the picture "
                    "beside it)")
