@@ -10,7 +10,8 @@ The file holds the EMA state dict (the weights sampling.py and evaluate.py use) 
     prediction   what the network predicts ("eps" for checkpoints that do not say)
     ddpm_sha256  the SHA-256 of the whole file as written with these 64 digits as zeros (sampling.seal_safetensors),
                  which every load checks: safetensors itself has no checksum
-    fit          the fitted sampler's fit to these weights (sampling.fit_costs), as JSON, if the checkpoint holds one
+    fit          what is fitted to these weights (UniPC's walk, the fitted sampler's costs), as JSON, if the
+                 checkpoint holds it
 No optimizer, random states or counters: it cannot be resumed, only sampled.  safetensors holds only tensors
 and a JSON header, so loading it can run no code.  sampling.py --ckpt FILE.safetensors, evaluate.py --ckpt
 FILE.safetensors and sampling.load_model("FILE.safetensors") draw exactly the images the checkpoint draws.

@@ -293,7 +293,7 @@ def unipc_timesteps(scheduler, steps, power=1.0):
 
 
 @torch.no_grad()
-def fit_walk_power(pipeline, steps, samples=WALK_FIT_SAMPLES, seed=WALK_FIT_SEED, progress=True):
+def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=True):
     """The power of UniPC's `steps`-evaluation walk (unipc_timesteps) for this model, from WALK_POWERS: the smallest
     whose images are nearest those of the 20-step Restart sampler (the README's fast sampler), drawn from the same
     noise, up to a tolerance.  The distance is FID's (Heusel et al., 2017), the Frechet distance between Gaussians
@@ -304,6 +304,7 @@ def fit_walk_power(pipeline, steps, samples=WALK_FIT_SAMPLES, seed=WALK_FIT_SEED
     Costs about 20 + 3 * steps network evaluations per image."""
     from evaluate import frechet_distance, gaussian_stats  # (here: evaluate imports this module)
     model, scheduler, device = pipeline.model, pipeline.scheduler, pipeline.device
+    samples = samples or WALK_FIT_SAMPLES
     walks = {"reference": sampler_timesteps(scheduler, *FID_SAMPLER)}
     for power in WALK_POWERS:
         with contextlib.suppress(ValueError):                       # a power that repeats a timestep is not tried

@@ -211,22 +211,23 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
                                                                                    tmp_path):
     common = ["evaluate.py", "--ckpt", good_checkpoint, "--data-dir", data_dir, "--cache-dir", tmp_path,
               "--num-samples", "10", "--batch-size", "10", "--classifier-epochs", "1", "--sweep",
-              "--sweep-steps", "2,8", "--sweep-out", tmp_path / "sweep.json"]
+              "--sweep-steps", "2,10", "--sweep-out", tmp_path / "sweep.json"]
     result = run_script(*common)
     points = json.loads((tmp_path / "sweep.json").read_text())["points"]
     assert len(points) == 7 * 2 - 1 + 2 and {p["label"] for p in points} == {     # no 2-step Restart: too few steps
         "DDIM (eta 0)", "DDIM (eta 1)", "DPM-Solver++(2M)", "SDE-DPM-Solver++(2M)", "Restart (DPM-Solver++(2M))",
         "UniPC (DPM-Solver++(2M) and UniC)",
-        "DPM-Solver++(2M) on fitted timesteps", "ODE limit (50-step DPM-Solver++(2M))", "DDPM (50 steps)"}
+        "DPM-Solver++(2M) on fitted timesteps", "SDE-DPM-Solver++(2M) on fitted timesteps",           # (2 and 10)
+        "ODE limit (50-step DPM-Solver++(2M))", "DDPM (50 steps)"}
     assert all(p["fid"] > 0 and p["seconds_per_100"] > 0 for p in points)
     assert Image.open(tmp_path / "sweep.png").size[0] > 300
-    assert "| DPM-Solver++(2M) | 8 |" in result.stdout and "real images (floor)" in result.stdout
+    assert "| DPM-Solver++(2M) | 10 |" in result.stdout and "real images (floor)" in result.stdout
     assert "| ODE limit (50-step DPM-Solver++(2M)) | 50 |" in result.stdout and "no 2-step Restart" in result.stdout
     again = run_script(*common)
     assert "reusing 15 points" in again.stdout and "sweep: DDIM" not in again.stdout
     only = run_script(*common[:-1], tmp_path / "only.json", "--sweep-samplers", "dpm++")
     points = json.loads((tmp_path / "only.json").read_text())["points"]
-    assert [(p["label"], p["steps"]) for p in points] == [("DPM-Solver++(2M)", 2), ("DPM-Solver++(2M)", 8),
+    assert [(p["label"], p["steps"]) for p in points] == [("DPM-Solver++(2M)", 2), ("DPM-Solver++(2M)", 10),
                                                           ("ODE limit (50-step DPM-Solver++(2M))", 50)]
     assert "DDPM" not in only.stdout
 

@@ -146,8 +146,10 @@ def test_a_new_training_run_prints_the_probe_verdict(train_tiny, tmp_path):
     assert "measured:" in line or "cached" in line or "the only candidate" in line, line
 
 
-def test_benchmark_reports_both_precisions_and_the_fraction_of_the_best_peak():
+def test_benchmark_reports_both_precisions_and_the_fraction_of_the_best_peak(monkeypatch):
     import benchmark
+    import sampling
+    monkeypatch.setattr(sampling, "WALK_FIT_SAMPLES", 20)                  # (the fit it times: 20 images a set)
     result = benchmark.main(["--precision", "both", "--channels", "8", "--channel-mults", "1,2", "--train-steps", "1",
                              "--ddpm-steps", "2", "--num-samples", "4", "--batch-size", "8", "--json"])
     assert set(result["runs"]) == {"bf16", "fp32"}
