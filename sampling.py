@@ -309,8 +309,8 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
     for power in WALK_POWERS:
         with contextlib.suppress(ValueError):                       # a power that repeats a timestep is not tried
             walks[power] = unipc_timesteps(scheduler, steps, power)
-    if len(walks) == 2:
-        return WALK_POWERS[0]
+    if len(walks) == 2:                                              # one power to try: nothing to compare
+        return next(power for power in walks if power != "reference")
     batch, num_classes = min(samples, 100), model.num_classes
     shape = (samples, model.in_channels, model.image_size, model.image_size)
     labels = torch.arange(samples, device=device) % num_classes if num_classes else None
@@ -320,10 +320,10 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
         for name, walk in walks.items():
             generator = torch.Generator(device=device).manual_seed(seed)
             noise = torch.randn(shape, generator=generator, device=device)                 # the same for every walk
+            sampler = FID_SAMPLER[0] if name == "reference" else "unipc"
             features = []
             for first in range(0, samples, batch):
                 part = slice(first, first + batch)
-                sampler = FID_SAMPLER[0] if name == "reference" else "unipc"
                 x = sample(model, scheduler, len(noise[part]), device=device, precision=pipeline.precision,
                            generator=generator, sampler=sampler, noise=noise[part], timesteps=walk,
                            labels=None if labels is None else labels[part], guidance_scale=DEFAULT_GUIDANCE,
