@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, all_finite, load_checkpoint, save_checkpoint
 from cli import add_device_options, atomic_write, fail, first_line, int_list, positive_int
-from dataset import to_uint8
+from dataset import to_model_range, to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
 from noise_scheduler import NoiseScheduler, make_scheduler
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR, LOCK_NAME
@@ -328,7 +328,7 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
                            generator=generator, sampler=sampler, noise=noise[part], timesteps=walk,
                            labels=None if labels is None else labels[part], guidance_scale=DEFAULT_GUIDANCE,
                            callback=lambda *_: bar.update(), progress=False)
-                x = (to_uint8(x).float() / 127.5 - 1).to(device)           # as the images are saved
+                x = to_model_range(to_uint8(x)).to(device)                 # as the images are saved
                 t = torch.zeros(len(x), dtype=torch.long, device=device)
                 with autocast(device, pipeline.precision):
                     features.append(model.features(scheduler.model_input(x, t), t).float().cpu())
