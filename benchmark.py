@@ -80,7 +80,7 @@ def train_throughput(model, scheduler, device, precision, batch_size, steps, com
     return steps * batch_size / (time.perf_counter() - start)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def ddpm_seconds(model, scheduler, device, precision, n, steps):
     """Seconds for the first `steps` ancestral steps (algorithm 2) on n images."""
     x = torch.randn(n, model.in_channels, model.image_size, model.image_size, device=device)

@@ -127,19 +127,19 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
            timesteps=None, analytic_first_step=False):
     """Run the reverse process from x_T ~ N(0, I) and return x_0 in [-1, 1], float32 (B, C, H, W).
 
-    sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps`
-    timesteps with noise scale `eta`; "dpm++" / "dpm++sde": DPM-Solver++(2M) or its SDE form over `steps`
-    timesteps; "restart": Restart sampling, DPM-Solver++(2M) passes with forward jumps between them, `steps`
-    network evaluations in all (noise_scheduler.restart_timesteps).  labels (B,) draw a conditional model's
-    classes, with classifier-free guidance of scale `guidance_scale` (see predict_noise).  callback(t, x_t, x0_pred)
-    is called after every network evaluation.  `timesteps` replaces the sampler's own walk (the "fitted" sampler's
-    timesteps, fit_timesteps); analytic_first_step takes the first step's noise as x_T itself instead of asking the
-    network (AFS, Dockhorn et al., 2022 / Zhou et al., 2024: at t = T-1, x_T = alpha x_0 + sigma eps with
-    alpha < 0.01, so eps is x_T up to that), which saves one evaluation.  The fitted sampler steps with
-    DPM-Solver++(2M), on the reverse SDE from FITTED_SDE_FROM evaluations on.  "unipc": UniPC (Zhao et al., 2023),
-    DPM-Solver++(2M) steps each corrected by UniC with the next evaluation; its walk lands on t = 0 without
-    evaluating there (x_0 is x at t = 0, whose noise sigma_0 = 0.01 is below a grey level), so that all `steps`
-    evaluations are spent on the way down.
+    sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps` timesteps with noise
+    scale `eta`; "dpm++" / "dpm++sde": DPM-Solver++(2M) or its SDE form over `steps` timesteps; "restart": Restart
+    sampling, DPM-Solver++(2M) passes with forward jumps between them, `steps` network evaluations in all
+    (noise_scheduler.restart_timesteps). labels (B,) draw a conditional model's classes, with classifier-free guidance
+    of scale `guidance_scale` (see predict_noise). callback(t, x_t, x0_pred) is called after every network evaluation,
+    with tensors of torch.inference_mode (the walk runs in it, 5 to 10% faster than under no_grad on a 2-core CPU): to
+    change one in place later, clone it. `timesteps` replaces the sampler's own walk (the "fitted" sampler's timesteps,
+    fit_timesteps); analytic_first_step takes the first step's noise as x_T itself instead of asking the network (AFS,
+    Dockhorn et al., 2022 / Zhou et al., 2024: at t = T-1, x_T = alpha x_0 + sigma eps with alpha < 0.01, so eps is x_T
+    up to that), which saves one evaluation. The fitted sampler steps with DPM-Solver++(2M), on the reverse SDE from
+    FITTED_SDE_FROM evaluations on. "unipc": UniPC (Zhao et al., 2023), DPM-Solver++(2M) steps each corrected by UniC
+    with the next evaluation; its walk lands on t = 0 without evaluating there (x_0 is x at t = 0, whose noise sigma_0 =
+    0.01 is below a grey level), so that all `steps` evaluations are spent on the way down.
     """
     shape = (num_samples, model.in_channels, model.image_size, model.image_size)
     if noise is None:
@@ -153,7 +153,7 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     lands = sampler == "unipc"             # the walk's last timestep, 0, is reached but not evaluated
     evaluations = len(timesteps) - int(analytic_first_step) - int(lands)
     stochastic = sampler == "dpm++sde" or (sampler == "fitted" and evaluations >= FITTED_SDE_FROM)
-    with autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):      # (the returned x_0 is an ordinary tensor)
         for i, t in enumerate(tqdm(timesteps, desc=f"{sampler} sampling", leave=False, disable=not progress)):
             t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1           # -1: the clean data x_0
             if t_prev > t:                                                    # Restart's jump back up: no evaluation
@@ -201,7 +201,7 @@ FIT_SAMPLES, FIT_GRID, FIT_SEED = 64, 60, 0
 FITTED_AFS_UP_TO, FITTED_SDE_FROM = 10, 10
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def fit_costs(pipeline, samples=FIT_SAMPLES, grid_steps=FIT_GRID, seed=FIT_SEED, progress=True):
     """What fit_timesteps needs to place any number of steps on this model: a fine grid of timesteps and the
     local error of one step between any two of its points, measured on the model's own trajectories (GITS,
@@ -292,7 +292,7 @@ def unipc_timesteps(scheduler, steps, power=1.0):
     return walk
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=True):
     """The power of UniPC's `steps`-evaluation walk (unipc_timesteps) for this model, from WALK_POWERS: the smallest
     whose images are nearest those of the 20-step Restart sampler (the README's fast sampler), drawn from the same
