@@ -124,7 +124,7 @@ def predict_noise(model, x, t, labels=None, guidance_scale=1.0):
 @torch.no_grad()
 def sample(model, scheduler, num_samples, *, device, precision="fp32", generator=None, sampler="ddpm",
            steps=None, eta=0.0, labels=None, guidance_scale=1.0, noise=None, callback=None, progress=True,
-           timesteps=None, analytic_first_step=False):
+           timesteps=None, analytic_first_step=False, first_eps=None):
     """Run the reverse process from x_T ~ N(0, I) and return x_0 in [-1, 1], float32 (B, C, H, W).
 
     sampler "ddpm": the ancestral sampler over all T steps (algorithm 2); "ddim": DDIM over `steps` timesteps with noise
@@ -139,7 +139,9 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
     up to that), which saves one evaluation. The fitted sampler steps with DPM-Solver++(2M), on the reverse SDE from
     FITTED_SDE_FROM evaluations on. "unipc": UniPC (Zhao et al., 2023), DPM-Solver++(2M) steps each corrected by UniC
     with the next evaluation; its walk lands on t = 0 without evaluating there (x_0 is x at t = 0, whose noise sigma_0 =
-    0.01 is below a grey level), so that all `steps` evaluations are spent on the way down.
+    0.01 is below a grey level), so that all `steps` evaluations are spent on the way down. first_eps: the network's
+    noise at the first timestep for this noise, if it is known already (the walk fit draws four walks from the same
+    noise, all starting at T-1): it replaces the first evaluation, with the same result.
     """
     shape = (num_samples, model.in_channels, model.image_size, model.image_size)
     if noise is None:
@@ -166,6 +168,8 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
             tt = torch.full((num_samples,), t, dtype=torch.long, device=device)
             if analytic_first_step and i == 0:
                 eps = x                                                        # AFS: no evaluation
+            elif first_eps is not None and i == 0:
+                eps = first_eps.float()                                        # evaluated already
             else:
                 x_in = scheduler.model_input(x, tt)                            # x_t (c_in x_t for edm)
                 output = predict_noise(model, x_in, tt, labels, guidance_scale)  # eps_theta, v_theta, x0_theta or F
@@ -314,28 +318,32 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
     batch, num_classes = min(samples, 100), model.num_classes
     shape = (samples, model.in_channels, model.image_size, model.image_size)
     labels = torch.arange(samples, device=device) % num_classes if num_classes else None
-    stats = {}
+    generators = {}
+    for name in walks:       # one generator a walk (Restart's jumps draw from it), each past the same noise
+        generators[name] = torch.Generator(device=device).manual_seed(seed)
+        noise = torch.randn(shape, generator=generators[name], device=device)
+    features = {name: [] for name in walks}
     with tqdm(total=sum(map(len, walks.values())) * math.ceil(samples / batch), unit="step", disable=not progress,
               desc=f"fitting UniPC's {steps}-step walk to the model") as bar:
-        for name, walk in walks.items():
-            generator = torch.Generator(device=device).manual_seed(seed)
-            noise = torch.randn(shape, generator=generator, device=device)                 # the same for every walk
-            sampler = FID_SAMPLER[0] if name == "reference" else "unipc"
-            features = []
-            for first in range(0, samples, batch):
-                part = slice(first, first + batch)
-                x = sample(model, scheduler, len(noise[part]), device=device, precision=pipeline.precision,
-                           generator=generator, sampler=sampler, noise=noise[part], timesteps=walk,
-                           labels=None if labels is None else labels[part], guidance_scale=DEFAULT_GUIDANCE,
+        for first in range(0, samples, batch):
+            part = slice(first, first + batch)
+            x_T, y = noise[part].float(), None if labels is None else labels[part]
+            t = torch.full((len(x_T),), walks["reference"][0], dtype=torch.long, device=device)
+            with autocast(device, pipeline.precision):                 # every walk's first evaluation: made once
+                eps_T = scheduler.to_eps(predict_noise(model, scheduler.model_input(x_T, t), t, y, DEFAULT_GUIDANCE),
+                                         x_T, t)
+            for name, walk in walks.items():
+                assert walk[0] == walks["reference"][0]
+                x = sample(model, scheduler, len(x_T), device=device, precision=pipeline.precision,
+                           generator=generators[name], sampler=FID_SAMPLER[0] if name == "reference" else "unipc",
+                           noise=x_T, timesteps=walk, labels=y, guidance_scale=DEFAULT_GUIDANCE, first_eps=eps_T,
                            callback=lambda *_: bar.update(), progress=False)
                 x = to_model_range(to_uint8(x)).to(device)                 # as the images are saved
-                t = torch.zeros(len(x), dtype=torch.long, device=device)
+                t0 = torch.zeros(len(x), dtype=torch.long, device=device)
                 with autocast(device, pipeline.precision):
-                    features.append(model.features(scheduler.model_input(x, t), t).float().cpu())
-            features = torch.cat(features)
-            stats[name] = gaussian_stats(features)
-            if name == "reference":
-                halves = [gaussian_stats(half) for half in features.chunk(2)]
+                    features[name].append(model.features(scheduler.model_input(x, t0), t0).float().cpu())
+    stats = {name: gaussian_stats(torch.cat(parts)) for name, parts in features.items()}
+    halves = [gaussian_stats(half) for half in torch.cat(features["reference"]).chunk(2)]
     distance = {power: frechet_distance(*stats[power], *stats["reference"]) for power in walks if power != "reference"}
     tolerance = WALK_FIT_TOLERANCE * frechet_distance(*halves[0], *halves[1])
     return min(power for power in distance if distance[power] <= min(distance.values()) + tolerance)

@@ -198,3 +198,26 @@ def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_wh
         refused = draw(name, "c", check=False)
         assert refused.returncode == 1 and "fitted timesteps stored in" in refused.stderr, damage
         assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.stderr
+
+
+def test_a_first_evaluation_known_already_replaces_the_networks_with_the_same_images():
+    """fit_walk_power draws its four walks from the same noise, all starting at T-1, and asks the network there once
+    for all of them: sample() given that answer (first_eps) draws the same images with one evaluation fewer."""
+    torch.manual_seed(0)
+    model = UNet(in_channels=1, image_size=8, base_channels=8, channel_mults=(1, 2), num_res_blocks=1).eval()
+    scheduler, cpu, noise = make_scheduler("linear", 50), torch.device("cpu"), torch.randn(3, 1, 8, 8)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for sampler, walk in (("unipc", unipc_timesteps(scheduler, 5, 1.5)),
+                          ("restart", sampling.sampler_timesteps(scheduler, "restart", 20))):
+        t = torch.full((3,), walk[0])
+        with torch.no_grad():
+            first_eps = sampling.predict_noise(model, noise, t)
+        images, evaluations = [], []
+        for known in (None, first_eps):
+            before = len(calls)
+            images.append(sample(model, scheduler, 3, device=cpu, sampler=sampler, noise=noise, timesteps=walk,
+                                 generator=torch.Generator().manual_seed(1), first_eps=known, progress=False))
+            evaluations.append(len(calls) - before)
+        assert torch.equal(images[0], images[1]), sampler
+        assert evaluations[1] == evaluations[0] - 1 and evaluations[0] == (5 if sampler == "unipc" else 20), sampler
