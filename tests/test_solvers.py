@@ -218,7 +218,7 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
               "--sweep-steps", "2,10", "--sweep-out", tmp_path / "sweep.json"]
     monkeypatch.setattr(sampling, "WALK_FIT_SAMPLES", 40)
     evaluate.main([str(arg) for arg in common[1:]])
-    result = capsys.readouterr()
+    printed = capsys.readouterr().out
     points = json.loads((tmp_path / "sweep.json").read_text())["points"]
     assert len(points) == 7 * 2 - 1 + 2 and {p["label"] for p in points} == {     # no 2-step Restart: too few steps
         "DDIM (eta 0)", "DDIM (eta 1)", "DPM-Solver++(2M)", "SDE-DPM-Solver++(2M)", "Restart (DPM-Solver++(2M))",
@@ -227,8 +227,8 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
         "ODE limit (50-step DPM-Solver++(2M))", "DDPM (50 steps)"}
     assert all(p["fid"] > 0 and p["seconds_per_100"] > 0 for p in points)
     assert Image.open(tmp_path / "sweep.png").size[0] > 300
-    assert "| DPM-Solver++(2M) | 10 |" in result.stdout and "real images (floor)" in result.stdout
-    assert "| ODE limit (50-step DPM-Solver++(2M)) | 50 |" in result.stdout and "no 2-step Restart" in result.stdout
+    assert "| DPM-Solver++(2M) | 10 |" in printed and "real images (floor)" in printed
+    assert "| ODE limit (50-step DPM-Solver++(2M)) | 50 |" in printed and "no 2-step Restart" in printed
     again = run_script(*common)
     assert "reusing 15 points" in again.stdout and "sweep: DDIM" not in again.stdout
     only = run_script(*common[:-1], tmp_path / "only.json", "--sweep-samplers", "dpm++")
