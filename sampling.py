@@ -121,6 +121,12 @@ def predict_noise(model, x, t, labels=None, guidance_scale=1.0):
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+def network_eps(model, scheduler, x, t, labels=None, guidance_scale=1.0):
+    """epsilon_theta(x_t, t), float32, whatever the network predicts: it sees model_input(x_t) (x_t itself, c_in x_t
+    for "edm"), and to_eps turns its output (eps, v, x_0 or EDM's F) into the noise that every sampler steps with."""
+    return scheduler.to_eps(predict_noise(model, scheduler.model_input(x, t), t, labels, guidance_scale), x, t)
+
+
 @torch.no_grad()
 def sample(model, scheduler, num_samples, *, device, precision="fp32", generator=None, sampler="ddpm",
            steps=None, eta=0.0, labels=None, guidance_scale=1.0, noise=None, callback=None, progress=True,
@@ -171,9 +177,7 @@ def sample(model, scheduler, num_samples, *, device, precision="fp32", generator
             elif first_eps is not None and i == 0:
                 eps = first_eps.float()                                        # evaluated already
             else:
-                x_in = scheduler.model_input(x, tt)                            # x_t (c_in x_t for edm)
-                output = predict_noise(model, x_in, tt, labels, guidance_scale)  # eps_theta, v_theta, x0_theta or F
-                eps = scheduler.to_eps(output, x, tt)
+                eps = network_eps(model, scheduler, x, tt, labels, guidance_scale)   # epsilon_theta(x_t, t)
             if sampler == "ddpm":
                 x, x0 = scheduler.step(eps, t, x, generator=generator)         # lines 3-4
             elif sampler == "ddim":
@@ -226,8 +230,7 @@ def fit_costs(pipeline, samples=FIT_SAMPLES, grid_steps=FIT_GRID, seed=FIT_SEED,
     with autocast(device, pipeline.precision):
         for i, t in enumerate(tqdm(grid, desc="fitting timesteps to the model", unit="step", disable=not progress)):
             tt = torch.full((samples,), t, dtype=torch.long, device=device)
-            output = predict_noise(model, scheduler.model_input(x, tt), tt, labels, DEFAULT_GUIDANCE)
-            eps = scheduler.to_eps(output, x, tt)
+            eps = network_eps(model, scheduler, x, tt, labels, DEFAULT_GUIDANCE)
             states.append(x)
             noises.append(eps)
             t_next = grid[i + 1] if i + 1 < len(grid) else -1
@@ -330,8 +333,7 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
             x_T, y = noise[part].float(), None if labels is None else labels[part]
             t = torch.full((len(x_T),), walks["reference"][0], dtype=torch.long, device=device)
             with autocast(device, pipeline.precision):                 # every walk's first evaluation: made once
-                eps_T = scheduler.to_eps(predict_noise(model, scheduler.model_input(x_T, t), t, y, DEFAULT_GUIDANCE),
-                                         x_T, t)
+                eps_T = network_eps(model, scheduler, x_T, t, y, DEFAULT_GUIDANCE)
             for name, walk in walks.items():
                 assert walk[0] == walks["reference"][0]
                 x = sample(model, scheduler, len(x_T), device=device, precision=pipeline.precision,
