@@ -58,12 +58,11 @@ RESTART = dict(sigma_min=0.2, sigma_max=1.5, restarts=2, restart_steps=3)
 # --fid-every measures with it; change it here.
 FID_SAMPLER = ("restart", 20)
 LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced evenly in log-SNR rather than in t
-# --steps N without --sampler: UniPC, on evenly spaced timesteps from WALK_FIT_BELOW on and on a walk fitted to the
-# model below (walk_power).  On even spacing at 5, UniPC scored 0.4 to 0.7 times the FID
-# of evenly spaced DPM-Solver++(2M).  At 10, on seven models of 1,155 to 3,730 steps (two datasets, two training
-# seeds), its worst sample seed scored 0.64 to 1.13 times the fitted sampler's (lower on six) and 0.85 to 1.16 times
-# DPM-Solver++(2M)'s; on the digits at most 1.50 times the 1000-step DDPM, the fitted sampler 1.98
-# (docs/experiments.md: UniPC, the five-step sampler).
+# --steps N without --sampler: UniPC, on a walk fitted to the model below WALK_FIT_BELOW evaluations, on EDM's spacing
+# up to KARRAS_WALK_BELOW and evenly spaced from there on (walk_power).  On even spacing at 5, UniPC scored 0.4 to 0.7
+# times the FID of evenly spaced DPM-Solver++(2M).  At 10, on seven models of 1,155 to 3,730 steps (two datasets, two
+# training seeds), its worst sample seed scored 0.64 to 1.13 times the fitted sampler's (lower on six) and 0.85 to 1.16
+# times DPM-Solver++(2M)'s (docs/experiments.md: UniPC, the five-step sampler).
 STEPS_SAMPLER = "unipc"
 
 
@@ -86,7 +85,7 @@ def sampler_timesteps(scheduler, sampler, steps):
     if sampler == "ddpm":
         return scheduler.timesteps(None, "uniform")
     if sampler == "unipc":      # `steps` evaluations, from T-1 down to the last, then one step more to land on t = 0
-        return unipc_timesteps(scheduler, steps)
+        return unipc_timesteps(scheduler, steps, unipc_spacing(steps))
     if sampler == "restart":
         return scheduler.restart_timesteps(steps, **RESTART)
     return scheduler.timesteps(steps, spacing(sampler, steps))
@@ -283,16 +282,29 @@ def fit_timesteps(fit, steps, analytic_first_step):
 # reference's two halves: a difference within the noise of the measure does not move the walk from even spacing.
 WALK_POWERS = (1.0, 1.25, 1.5)
 WALK_FIT_BELOW, WALK_FIT_SAMPLES, WALK_FIT_SEED, WALK_FIT_TOLERANCE = 10, 1000, 0, 0.5
+# From WALK_FIT_BELOW up to KARRAS_WALK_BELOW evaluations, UniPC walks EDM's spacing (Karras et al., 2022, eq. 5;
+# NoiseScheduler.timesteps "karras"), nothing fitted: at 10 on three models of two datasets it scored 0.75 to 0.97 times
+# the FID of the even walk; at 20, 0.93 and 1.04 times on the digits and 1.20 on Fashion-MNIST, so from 20 on the walk
+# is even again (docs/experiments.md, EDM's spacing for ten evaluations).
+KARRAS_WALK_BELOW = 20
+
+
+def unipc_spacing(steps):
+    """UniPC's walk where nothing is fitted to the model: "karras" (EDM's spacing) from WALK_FIT_BELOW up to
+    KARRAS_WALK_BELOW evaluations, power 1 (even in t) elsewhere (below WALK_FIT_BELOW, without a model to fit)."""
+    return "karras" if WALK_FIT_BELOW <= steps < KARRAS_WALK_BELOW else 1.0
 
 
 def unipc_timesteps(scheduler, steps, power=1.0):
     """UniPC's walk of `steps` evaluations and the landing on t = 0: t_i = (T-1)(1 - i/steps)^power, i = 0..steps,
     rounded.  Power 1 spaces the timesteps evenly in t; a larger power crowds them towards the data, where the
     last steps of a short walk leave grain that a briefly trained model does not remove.  ValueError if the walk
-    does not descend strictly."""
+    does not descend strictly.  power "karras": EDM's spacing instead (NoiseScheduler.timesteps)."""
     T = scheduler.num_timesteps
     if not 1 <= steps < T:
         raise ValueError(f"UniPC takes 1 to {T - 1} steps on this model")
+    if power == "karras":
+        return scheduler.timesteps(steps + 1, "karras")
     walk = (torch.linspace((T - 1) ** (1 / power), 0, steps + 1, dtype=torch.float64) ** power).round().long().tolist()
     if any(later >= earlier for earlier, later in zip(walk, walk[1:])):
         raise ValueError(f"{steps} steps spaced with power {power:g} repeat a timestep of this {T}-step schedule")
@@ -352,10 +364,11 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
 
 
 def walk_power(pipeline, steps, progress=False):
-    """The fitted power of UniPC's `steps`-evaluation walk on this pipeline's model: the one stored in its fit, or
-    else fitted now (fit_walk_power) and stored with the model (store_fit); 1 from WALK_FIT_BELOW evaluations on."""
+    """The power of UniPC's `steps`-evaluation walk on this pipeline's model: the one stored in its fit, or else
+    fitted now (fit_walk_power) and stored with the model (store_fit); from WALK_FIT_BELOW evaluations on, what
+    unipc_spacing says, fitted to nothing."""
     if steps >= WALK_FIT_BELOW:
-        return 1.0
+        return unipc_spacing(steps)
     powers = (pipeline.fit or {}).get("walk_power", {})
     if str(steps) not in powers:
         power = fit_walk_power(pipeline, steps, progress=progress)

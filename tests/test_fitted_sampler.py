@@ -87,9 +87,11 @@ def test_generate_fits_once_and_draws_the_same_images_for_the_same_seed():
     again, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     assert pipeline.fit is fit, "the fit is made once per model"
     assert torch.equal(first, again)
-    for steps in (10, 20):                           # steps alone: UniPC, evenly spaced from WALK_FIT_BELOW on
+    for steps, spacing in ((10, "karras"), (19, "karras"), (20, "uniform")):   # steps alone: UniPC, nothing fitted
         alone, _ = generate(pipeline, 8, seed=3, steps=steps, progress=False)
         assert torch.equal(alone, generate(pipeline, 8, seed=3, sampler="unipc", steps=steps, progress=False)[0])
+        assert sampling.walk_of(pipeline, "unipc", steps)[0] == scheduler.timesteps(steps + 1, spacing)
+        assert sampling.sampler_timesteps(scheduler, "unipc", steps) == scheduler.timesteps(steps + 1, spacing)
     assert not torch.equal(alone, first)
 
 

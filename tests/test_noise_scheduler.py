@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from noise_scheduler import CosineNoiseScheduler, LinearNoiseScheduler, make_scheduler
+from noise_scheduler import KARRAS_SIGMA_MAX, CosineNoiseScheduler, LinearNoiseScheduler, make_scheduler
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,26 @@ def test_ddim_timesteps_descending_unique_end_at_zero(sched, steps):
     assert ts[0] == 999 and ts == sorted(set(ts), reverse=True) and len(ts) == steps
     assert ts[-1] == (0 if steps > 1 else 999)       # a single step starts from pure noise, at t = T-1
     assert all(0 <= t < 1000 for t in ts)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_karras_timesteps_space_the_noise_levels_evenly_in_their_seventh_root_below_sigma_max(schedule):
+    """EDM's eq. 5 (rho = 7): after the start at T-1, the noise levels s_t = sigma_t / alpha_t of the walk lie evenly
+    in s^(1/7) from min(KARRAS_SIGMA_MAX, s_{T-1}) down to s_0, to within the rounding to a training timestep.  The
+    cosine schedule's s_{T-1} is some 20,000: without the bound its walk would dwell in its last few timesteps."""
+    sched = make_scheduler(schedule, 1000)
+    abar = sched.alphas_cumprod.double()
+    s = ((1 - abar) / abar).sqrt()
+    for steps in (3, 6, 11, 21):
+        ts = sched.timesteps(steps, "karras")
+        assert ts[0] == 999 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True) and len(ts) == steps
+        top, bottom = min(float(s[999]), KARRAS_SIGMA_MAX) ** (1 / 7), float(s[0]) ** (1 / 7)
+        expected = torch.linspace(top, bottom, steps, dtype=torch.float64)[1:]
+        assert torch.allclose(s[ts[1:]] ** (1 / 7), expected, rtol=0.01), (ts, expected ** 7)
+        assert s[ts[1]] < KARRAS_SIGMA_MAX, "the second level is below sigma_max"
+    assert sched.timesteps(11, "karras") != sched.timesteps(11, "logsnr") != sched.timesteps(11)
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        sched.timesteps(11, "edm")
 
 
 def test_ddim_timesteps_reject_too_many_steps(sched):

@@ -158,7 +158,7 @@ def test_impossible_step_counts_are_refused():
     with pytest.raises(ValueError, match="between 1 and 1000"):
         LinearNoiseScheduler().timesteps(1001, "logsnr")
     with pytest.raises(ValueError, match="spacing"):
-        LinearNoiseScheduler().timesteps(10, "karras")
+        LinearNoiseScheduler().timesteps(10, "quadratic")
 
 
 def test_guided_dpm_solver_with_scale_1_is_the_conditional_model():
