@@ -113,7 +113,8 @@ def test_unipc_walk_of_power_one_is_even_spacing_and_a_larger_power_crowds_it_to
 def test_the_walk_fit_keeps_the_evenest_power_whose_images_are_nearest_the_reference(monkeypatch):
     """With the reference made UniPC's own walk at power 1.5, that power draws the very same images (distance 0):
     without tolerance the fit must choose it, with a boundless one the evenest walk, power 1; with the reference at
-    power 1 the fit chooses 1 wherever it stands among the powers.  The same weights and seed choose the same again."""
+    power 1 the fit chooses 1 wherever it stands among the powers.  The same for EDM's spacing ("karras"), which
+    counts as less even than every power.  The same weights and seed choose the same again."""
     torch.manual_seed(0)
     model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=()).eval()
     torch.nn.init.normal_(model.conv_out.weight, std=0.1)                  # a network that predicts some noise
@@ -126,7 +127,9 @@ def test_the_walk_fit_keeps_the_evenest_power_whose_images_are_nearest_the_refer
         scheduler, steps, reference_power))
     for reference_power, tolerance, powers, chosen in ((1.5, 0.0, (1.0, 2.0, 1.5, 1.25), 1.5),
                                                        (1.5, 1e9, (1.5, 2.0, 1.0, 1.25), 1.0),
-                                                       (1.0, 0.0, (2.0, 1.5, 1.0, 1.25), 1.0)):
+                                                       (1.0, 0.0, (2.0, 1.5, 1.0, 1.25), 1.0),
+                                                       ("karras", 0.0, (1.0, "karras", 1.5), "karras"),
+                                                       ("karras", 1e9, ("karras", 1.5, 1.25), 1.25)):
         monkeypatch.setattr(sampling, "WALK_FIT_TOLERANCE", tolerance)
         monkeypatch.setattr(sampling, "WALK_POWERS", powers)
         assert sampling.fit_walk_power(pipeline, 5, samples=40, progress=False) == chosen, (reference_power, tolerance)
