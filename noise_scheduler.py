@@ -47,7 +47,7 @@ def _noise_like(x, generator):
 PREDICTIONS = ("eps", "v", "x0", "edm")
 # The "karras" spacing of timesteps (NoiseScheduler.timesteps): Karras et al., 2022, eq. 5, with their rho, from at most
 # KARRAS_SIGMA_MAX, just above the linear schedule's sigma_t / alpha_t at T-1 (157 at T = 1000).  Their sigma_max of
-# 80 moved the 10-step walk's FID by -2% to +8% on three models (docs/experiments.md, EDM's spacing for ten
+# 80 moved the 10-step walk's FID by -2% to +8% on four models (docs/experiments.md, EDM's spacing for ten
 # evaluations); the cap matters for the cosine schedule, whose 20,000 at T-1 would crowd the steps into noise alone.
 KARRAS_RHO, KARRAS_SIGMA_MAX = 7.0, 160.0
 # Training timesteps (timestep_probs): "uniform" as the paper, or SpeeD's asymmetric sampling, whose convergence area

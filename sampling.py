@@ -276,7 +276,7 @@ def fit_timesteps(fit, steps, analytic_first_step):
 # model among WALK_POWERS (fit_walk_power), or EDM's spacing ("karras").  No one walk served every model at 5
 # evaluations: even spacing (p = 1) was best on Fashion-MNIST and 1.5 or EDM's spacing on the digits (2.24-3.45 times
 # the 1000-step DDPM's FID there with p = 1).  p = 2 was best on none of ten models at 5; p = 1.25 on none of four, and
-# was picked once on ten, wrongly; on four models EDM's spacing at 5 scored 0.70-0.86 times the best power's FID on the
+# was picked once on ten, wrongly; on four models EDM's spacing at 5 scored 0.79-0.93 times the best power's FID on the
 # digits, 1.7 times on Fashion-MNIST, and the fit picked it on exactly the two models where it won (docs/experiments.md,
 # UniPC's walk, fitted to the model, and EDM's spacing for ten evaluations).  The fit draws WALK_FIT_SAMPLES images with
 # the 20-step Restart sampler, the reference, and as many with UniPC on each walk, from the same noise, and keeps the
