@@ -316,14 +316,15 @@ def unipc_timesteps(scheduler, steps, power=1.0):
 
 @torch.inference_mode()
 def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=True):
-    """The power of UniPC's `steps`-evaluation walk (unipc_timesteps) for this model, from WALK_POWERS: the smallest
-    whose images are nearest those of the 20-step Restart sampler (the README's fast sampler), drawn from the same
-    noise, up to a tolerance.  The distance is FID's (Heusel et al., 2017), the Frechet distance between Gaussians
-    fitted to features of the two sets of images, in the features the network itself computes (UNet.features at
-    t = 0): no data and no other network are needed.  The tolerance is WALK_FIT_TOLERANCE times the same distance
-    between the two halves of the reference images, a measure of the noise in the distances: the power moves
-    from even spacing only for a difference larger than that.  The same weights and seed give the same power.
-    Costs 17 + 3 * steps network evaluations per image (the four walks share their first)."""
+    """The walk of UniPC's `steps` evaluations (unipc_timesteps) for this model, from WALK_POWERS: the evenest (the
+    smallest power; EDM's spacing, "karras", counts as less even than every power) whose images are nearest those of
+    the 20-step Restart sampler (the README's fast sampler), drawn from the same noise, up to a tolerance.  The
+    distance is FID's (Heusel et al., 2017), the Frechet distance between Gaussians fitted to features of the two
+    sets of images, in the features the network itself computes (UNet.features at t = 0): no data and no other
+    network are needed.  The tolerance is WALK_FIT_TOLERANCE times the same distance between the two halves of the
+    reference images, a measure of the noise in the distances: the power moves from even spacing only for a
+    difference larger than that.  The same weights and seed give the same power.  Costs 17 + 3 * steps network
+    evaluations per image (the four walks share their first)."""
     from evaluate import frechet_distance, gaussian_stats  # (here: evaluate imports this module)
     model, scheduler, device = pipeline.model, pipeline.scheduler, pipeline.device
     samples = samples or WALK_FIT_SAMPLES
