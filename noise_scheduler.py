@@ -253,14 +253,16 @@ class NoiseScheduler:
             timesteps.append(max(t, num_steps - 1 - i))       # and room left for the steps still to come
         return timesteps
 
-    def restart_timesteps(self, num_steps, sigma_min, sigma_max, restarts, restart_steps):
+    def restart_timesteps(self, num_steps, sigma_min, sigma_max, restarts, restart_steps, lands=False):
         """The walk of Restart sampling (Xu et al., 2023, algorithm 1) with `num_steps` network evaluations in all:
         an ODE pass from T-1 down to t_min, then `restarts` times a forward jump back up to t_max followed by an
         ODE pass of `restart_steps` steps down to t_min again, then the ODE pass on to 0.  t_min and t_max are the
         timesteps whose noise level sigma_t / alpha_t = exp(-lambda_t) (the paper's sigma, Karras et al., 2022's
         time) is nearest sigma_min and sigma_max.  The main pass has num_steps - restarts * restart_steps
         timesteps, evenly spaced in t, with t_min in place of the nearest one.  A timestep followed by a larger
-        one marks a forward jump (forward_jump), which evaluates nothing."""
+        one marks a forward jump (forward_jump), which evaluates nothing.  lands: the walk is a landing one, as
+        UniPC's (sampling.unipc_timesteps): its last timestep, t = 0, is reached and not evaluated, so the main
+        pass gets one timestep more, and t_min never takes its place."""
         main_steps = num_steps - restarts * restart_steps
         noise_levels = torch.exp(-self.lambdas.cpu().double())
         t_min, t_max = (int((noise_levels - s).abs().argmin()) for s in (sigma_min, sigma_max))
@@ -270,8 +272,9 @@ class NoiseScheduler:
         if restarts < 0 or restart_steps < 1 or main_steps < 2:
             raise ValueError(f"{num_steps} steps leave too few for the main pass after {restarts} restarts of "
                              f"{restart_steps} steps")
-        main = self.timesteps(main_steps, "uniform")
-        nearest = min(range(1, len(main)), key=lambda i: abs(main[i] - t_min))    # never the first, T-1
+        main = self.timesteps(main_steps + int(lands), "uniform")
+        inner = range(1, len(main) - int(lands))                                  # never the first, T-1
+        nearest = min(inner, key=lambda i: abs(main[i] - t_min))
         main[nearest] = t_min
         if main != sorted(set(main), reverse=True):
             raise ValueError(f"t_min {t_min} does not fit between the {main_steps} steps of the main pass")

@@ -87,11 +87,12 @@ def test_generate_fits_once_and_draws_the_same_images_for_the_same_seed():
     again, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     assert pipeline.fit is fit, "the fit is made once per model"
     assert torch.equal(first, again)
-    for steps, spacing in ((10, "karras"), (19, "karras"), (20, "uniform")):   # steps alone: UniPC, nothing fitted
+    restart = lambda steps: scheduler.restart_timesteps(steps, **sampling.UNIPC_RESTART, lands=True)  # noqa: E731
+    for steps, walk in ((10, restart(10)), (19, restart(19)), (50, restart(50))):  # UniPC, nothing fitted
         alone, _ = generate(pipeline, 8, seed=3, steps=steps, progress=False)
         assert torch.equal(alone, generate(pipeline, 8, seed=3, sampler="unipc", steps=steps, progress=False)[0])
-        assert sampling.walk_of(pipeline, "unipc", steps)[0] == scheduler.timesteps(steps + 1, spacing)
-        assert sampling.sampler_timesteps(scheduler, "unipc", steps) == scheduler.timesteps(steps + 1, spacing)
+        assert sampling.walk_of(pipeline, "unipc", steps)[0] == walk == sampling.sampler_timesteps(scheduler, "unipc",
+                                                                                                   steps)
     assert not torch.equal(alone, first)
 
 
@@ -143,7 +144,7 @@ def test_sampling_steps_alone_uses_unipc_and_refuses_impossible_step_counts(good
     save_checkpoint(state, str(ckpt), keep_previous=False)
     alone = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", out, "--num-samples", "4", "--steps", "10")
     assert "10-step UniPC (DPM-Solver++(2M) and UniC)," in alone.stdout
-    assert "fitting" not in alone.stderr, "from 10 evaluations on, the walk is even: nothing to fit (5: below)"
+    assert "fitting" not in alone.stderr, "from 10 evaluations on, the walk has a restart: nothing to fit (5: below)"
     fitted = run_script("sampling.py", "--ckpt", ckpt, "--out-dir", out, "--num-samples", "4",
                         "--sampler", "fitted", "--steps", "10")
     assert "10-step SDE-DPM-Solver++(2M) on fitted timesteps" in fitted.stdout and (out / "x0_0.png").exists()

@@ -159,6 +159,12 @@ def test_restart_walk_and_network_evaluations():
         with pytest.raises(ValueError):
             sched.restart_timesteps(20, **{**dict(sigma_min=sigma(30), sigma_max=sigma(120), restarts=2,
                                                   restart_steps=3), **bad})
+    landing = sched.restart_timesteps(20, sigma_min=sigma(30), sigma_max=sigma(120), restarts=2, restart_steps=3,
+                                      lands=True)                # UniPC's: t = 0 is reached, not evaluated
+    jumps = [i for i in range(len(landing) - 1) if landing[i + 1] > landing[i]]
+    assert landing[-1] == 0 and len(landing) - len(jumps) - 1 == 20 and [landing[i] for i in jumps] == [30, 30]
+    main = [t for i, t in enumerate(landing) if i <= jumps[0] or i > jumps[-1] + 4]     # without 120, 90, 60, 30
+    assert len(main) == 20 - 2 * 3 + 1 and sorted(set(main), reverse=True) == main    # the main pass, and the landing
 
 
 def test_restart_without_jumps_is_the_ode_solver(monkeypatch):

@@ -112,6 +112,40 @@ def test_unipc_spends_every_evaluation_on_the_way_down_and_lands_on_t_0():
     assert torch.allclose(x, solve_unipc(sched, 5, noise, "uniform", clip=True).clamp(-1, 1), atol=1e-5)
 
 
+def test_unipc_starts_afresh_after_restarts_jump():
+    """UniPC on a walk with one of Restart's forward jumps (what --steps 10 walks): the jump evaluates nothing, and
+    the steps after it are those of a UniPC walk that begins at the jump's top from the jumped x, with nothing
+    carried over the jump (neither UniC's correction of the step that reached t_min nor the extrapolation from the
+    prediction there)."""
+    import sampling
+    sched = LinearNoiseScheduler()
+    model = GaussianEps(sched)
+    walk = sched.restart_timesteps(10, **sampling.UNIPC_RESTART, lands=True)
+    top = next(i for i in range(len(walk) - 1) if walk[i + 1] > walk[i]) + 1        # the jump's top, t_max
+    noise = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    kw = dict(device=torch.device("cpu"), sampler="unipc", progress=False)
+    model.calls.clear()
+    x = sample(model, sched, 16, noise=noise, timesteps=walk, generator=torch.Generator().manual_seed(7), **kw)
+    assert model.calls == [t for i, t in enumerate(walk[:-1]) if i != top - 1]         # 10, none at the jump
+    reached = []                                      # the first pass: down to t_min, where the walk's jump starts
+    sample(model, sched, 16, noise=noise, timesteps=walk[:top], callback=lambda t, x_t, x0: reached.append(x_t), **kw)
+    jumped = sched.forward_jump(reached[-1], walk[top - 1], walk[top], torch.Generator().manual_seed(7))
+    assert torch.equal(x, sample(model, sched, 16, noise=jumped, timesteps=walk[top:], **kw))
+
+
+class GaussianEps(torch.nn.Module):
+    """The exact noise prediction for Gaussian data, counting the network evaluations."""
+    in_channels, image_size, num_classes = 1, 4, None
+
+    def __init__(self, sched):
+        super().__init__()
+        self.sched, self.calls = sched, []
+
+    def forward(self, x, t, y=None):
+        self.calls.append(int(t[0]))
+        return gaussian_eps(self.sched, x, int(t[0]))
+
+
 def test_first_step_equals_ddim_and_the_sde_first_step_equals_ddim_with_eta_1():
     sched = LinearNoiseScheduler()
     g = torch.Generator().manual_seed(1)
