@@ -59,10 +59,10 @@ RESTART = dict(sigma_min=0.2, sigma_max=1.5, restarts=2, restart_steps=3)
 FID_SAMPLER = ("restart", 20)
 LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced evenly in log-SNR rather than in t
 # --steps N without --sampler: UniPC, on a walk fitted to the model below WALK_FIT_BELOW evaluations, with one of
-# Restart's jumps from there on (walk_power).  On even spacing at 5, UniPC
-# scored 0.4 to 0.7 times the FID of evenly spaced DPM-Solver++(2M).  At 10, on seven models of 1,155 to 3,730 steps
-# (two datasets, two training seeds), its worst sample seed scored 0.64 to 1.13 times the fitted sampler's (lower on
-# six) and 0.85 to 1.16 times DPM-Solver++(2M)'s (docs/experiments.md: UniPC, the five-step sampler).
+# Restart's jumps from there on (walk_power).  On even spacing at 5, UniPC scored 0.4 to 0.7 times the FID of evenly
+# spaced DPM-Solver++(2M); at 10, still evenly spaced, on seven models of 1,155 to 3,730 steps (two datasets, two
+# training seeds), its worst sample seed scored 0.64 to 1.13 times the fitted sampler's (lower on six) and 0.85 to
+# 1.16 times DPM-Solver++(2M)'s (docs/experiments.md: UniPC, the five-step sampler).
 STEPS_SAMPLER = "unipc"
 
 
