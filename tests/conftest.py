@@ -5,8 +5,15 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-import pytest
+# pytest.ini runs the tests in pytest-xdist workers, one per core (at most 4).  Each worker and every script it
+# starts gets its share of the cores, set before numpy and torch start their thread pools: two torch processes that
+# each spin OpenMP threads on all cores slow each other ten times and more.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
+os.environ["OMP_NUM_THREADS"] = THREADS
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -54,7 +61,7 @@ def data_dir(tmp_path_factory):
 
 def run_script(*args, check=True, timeout=600):
     """Run a script as a user would, from the repository root, offline: returns CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2",
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS,
                # no downloads in tests, even on a machine with internet
                http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="")
