@@ -206,8 +206,10 @@ def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
     script = ("import os, sys, time; sys.path.insert(0, %r); import run_folder\n"
               "run_folder.lock_run_folder(%r)\n"
               "run_folder.claim_run_folder()\n"
-              "child = os.fork()\n"
-              "if child == 0:\n    time.sleep(120); os._exit(0)\n"
+              "ready, told = os.pipe()\n"
+              "child = os.fork()\n"                     # the fork's hooks have run in the child once fork returns
+              "if child == 0:\n    os.write(told, b'.'); time.sleep(120); os._exit(0)\n"
+              "os.read(ready, 1)\n"                     # so wait for the child to run, however busy the machine
               "print(child, flush=True); time.sleep(120)\n" % (ROOT, str(tmp_path)))
     run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     child = None
