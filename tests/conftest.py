@@ -61,7 +61,7 @@ def data_dir(tmp_path_factory):
 
 def run_script(*args, check=True, timeout=600):
     """Run a script as a user would, from the repository root, offline: returns CompletedProcess."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS,
+    env = dict(os.environ, PYTHONUNBUFFERED="1",          # OMP_NUM_THREADS: set above, for every script
                # no downloads in tests, even on a machine with internet
                http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
                HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", no_proxy="")

@@ -15,7 +15,7 @@ import torch
 import checkpoint as checkpoint_module
 import cli
 from checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, previous_path, save_checkpoint
-from conftest import ROOT, THREADS, TINY_MODEL, run_script
+from conftest import ROOT, TINY_MODEL, run_script
 from run_folder import CKPT_NAME, PREV_CKPT_NAME
 from test_scripts import assert_same_tensors, load
 
@@ -23,9 +23,8 @@ from test_scripts import assert_same_tensors, load
 def start_training(data_dir, out_dir, *extra):
     cmd = [sys.executable, "training.py", "--data-dir", data_dir, "--out-dir", str(out_dir), "--batch-size", "8",
            "--preview-samples", "0", *TINY_MODEL, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # threads as in run_script: the same sums
-                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=THREADS))
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,   # threads as in
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))   # run_script (conftest sets them): same sums
 
 
 def wait_for_training_to_start(proc):
