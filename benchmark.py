@@ -58,14 +58,14 @@ def matmul_peak(device, dtype, seconds=1.0):
 
 def train_throughput(model, scheduler, device, precision, batch_size, steps, compile_):
     """Images per second of algorithm 1, steady state (after warm-up steps)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, DEFAULTS["adam_beta2"]))
     net = torch.compile(model) if compile_ else model
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
     t_probs = scheduler.timestep_probs(DEFAULTS["timestep_sampling"])        # training's default distribution of t
 
     def step():
         loss = diffusion_loss(net, scheduler, x0, precision=precision, min_snr_gamma=loss_gamma(DEFAULTS),
-                              t_probs=t_probs)
+                              t_probs=t_probs, stratified=DEFAULTS["timestep_sampling"] == "stratified")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -54,8 +54,9 @@ KARRAS_RHO, KARRAS_SIGMA_MAX = 7.0, 160.0
 # (the slope of sqrt(1 - alpha-bar_t) against t / T below SPEED_SLOPE: 1e-4 a step at T = 1000, as Wang et al. set it)
 # is drawn SPEED_RATIO times less often (their 2.5 against 0.5).
 # "lognormal": EDM's log-normal distribution of noise levels, ln sigma ~ N(P_MEAN, P_STD^2) (Karras et al., 2022, table 1),
-# with sigma = sigma_t / alpha_t, over the T timesteps.
-TIMESTEP_SAMPLINGS = ("uniform", "speed", "lognormal")
+# with sigma = sigma_t / alpha_t, over the T timesteps.  "stratified": uniform, as the paper's, but each batch's
+# timesteps spread evenly over 0..T-1 (Kingma et al., 2021's low-discrepancy sampler; sample_timesteps).
+TIMESTEP_SAMPLINGS = ("uniform", "stratified", "speed", "lognormal")
 SPEED_SLOPE, SPEED_RATIO = 0.1, 5.0
 P_MEAN, P_STD = -1.2, 1.2
 
@@ -119,11 +120,19 @@ class NoiseScheduler:
         return self.betas.device
 
     # ---- forward process -------------------------------------------------------------------
-    def sample_timesteps(self, batch_size, generator=None, device=None, probs=None):
+    def sample_timesteps(self, batch_size, generator=None, device=None, probs=None, stratified=False):
         """t ~ Uniform({0, ..., T-1}), one per sample (algorithm 1, line 3); or t drawn from `probs`, a distribution
-        over the T timesteps (timestep_probs)."""
+        over the T timesteps (timestep_probs).  stratified: the B draws of the batch share one u ~ U[0, 1) and take
+        the strata (u + k) / B, k = 0..B-1, in random order (the low-discrepancy sampler of Variational Diffusion
+        Models, Kingma et al., 2021): each t is still uniform, so the expected loss is the paper's, but every batch
+        covers the noise levels evenly and its loss varies less from batch to batch."""
         gen_device = generator.device if generator is not None else (device or self.device)
-        if probs is None:
+        if stratified:
+            assert probs is None, "stratified draws are uniform"
+            u = torch.rand((), generator=generator, device=gen_device)
+            k = torch.randperm(batch_size, generator=generator, device=gen_device)
+            t = ((u + k) / batch_size * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+        elif probs is None:
             t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=gen_device)
         else:
             t = torch.multinomial(probs.to(gen_device), batch_size, replacement=True, generator=generator)
@@ -137,7 +146,7 @@ class NoiseScheduler:
         growing, x_t is almost pure noise and its eps almost x_t itself: little is left to learn there.  Those
         timesteps, whose slope d sqrt(1 - alpha-bar_t) / d(t / T) is below SPEED_SLOPE (t >= 641 of the linear
         schedule with T = 1000), are drawn SPEED_RATIO times less often than the others."""
-        if sampling == "uniform":
+        if sampling in ("uniform", "stratified"):
             return None
         if sampling == "lognormal":
             log_sigma = -self.lambdas.double().cpu()

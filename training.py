@@ -94,15 +94,15 @@ DEFAULTS = dict(
     image_size=None, base_channels=32, channel_mults=None, num_res_blocks=1, dropout=0.0,
     schedule="linear", num_timesteps=1000, ema_decay=0.9995, lr_schedule="constant", loss="min-snr", min_snr_gamma=20.0,
     timestep_sampling="uniform", prediction="eps", conditional=False, label_dropout=0.1, preview_samples=100,
-    preview_steps=20,
+    preview_steps=20, adam_beta2=0.999,
 )
 # What a checkpoint written before these options existed was trained with.
 LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0, prediction="eps",
-                     timestep_sampling="uniform")
+                     timestep_sampling="uniform", adam_beta2=0.999)
 # Options that define the run: on --resume they must agree with the checkpoint.
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
             "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout",
-            "lr_schedule", "loss", "min_snr_gamma", "prediction", "timestep_sampling")
+            "lr_schedule", "loss", "min_snr_gamma", "prediction", "timestep_sampling", "adam_beta2")
 LR_SCHEDULES = ("linear", "constant")
 LOSSES = ("plain", "min-snr")
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
@@ -121,7 +121,7 @@ FID_SAMPLES, FID_SEED = 1000, 0
 
 # ---- algorithm 1 ------------------------------------------------------------------------------------------
 def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision="fp32", label_dropout=0.0,
-                   null_label=None, min_snr_gamma=None, t_probs=None):
+                   null_label=None, min_snr_gamma=None, t_probs=None, stratified=False):
     """Algorithm 1, lines 3-5, for a batch x_0: the simple objective
         || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2,
     or the same with the network predicting v or x_0 instead of eps (scheduler.target); or, with min_snr_gamma,
@@ -131,9 +131,10 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
     images hardly need denoising, stop dominating the gradient.  gamma = inf is the simple objective for eps.
     A conditional model's labels are replaced by the "no label" token `null_label` with probability
     `label_dropout`, so that one network learns both halves of classifier-free guidance.  t_probs: t drawn from
-    this distribution over the timesteps instead of uniformly (NoiseScheduler.timestep_probs, --timestep-sampling)."""
+    this distribution over the timesteps instead of uniformly (NoiseScheduler.timestep_probs, --timestep-sampling);
+    stratified: uniform t spread evenly over the batch (NoiseScheduler.sample_timesteps, --timestep-sampling)."""
     device = x0.device
-    t = scheduler.sample_timesteps(len(x0), generator, device, t_probs)     # t ~ U{0..T-1}    (line 3, 0-based)
+    t = scheduler.sample_timesteps(len(x0), generator, device, t_probs, stratified)   # t ~ U{0..T-1}  (line 3, 0-based)
     noise = torch.randn(x0.shape, generator=generator, device=device)       # eps ~ N(0, I)    (line 4)
     x_t = scheduler.add_noise(x0, noise, t)
     if labels is not None:
@@ -315,7 +316,8 @@ class Trainer:
         self.model.to(memory_format=layout)
         config.update(precision=self.precision, memory_format=LAYOUT_NAMES[layout])
         self.ema = copy.deepcopy(self.model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
+                                           weight_decay=0.0)
         self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"],
                                         config.get("sigma_data")).to(device)
         self.t_probs = self.scheduler.timestep_probs(config["timestep_sampling"])     # None: uniform, as the paper
@@ -423,7 +425,8 @@ class Trainer:
         loss = diffusion_loss(self.train_model, self.scheduler, x0, y, generator=self.generator,   # lines 3-5
                               precision=self.precision, label_dropout=config["label_dropout"],
                               null_label=self.model.num_classes,
-                              min_snr_gamma=loss_gamma(config), t_probs=self.t_probs)
+                              min_snr_gamma=loss_gamma(config), t_probs=self.t_probs,
+                              stratified=config["timestep_sampling"] == "stratified")
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(config, step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
@@ -650,6 +653,8 @@ def build_parser():
     a("--batch-size", type=positive_int, help=f"images per optimizer step, over all processes (default "
       f"{d['batch_size']})")
     a("--lr", type=positive_float, help=f"AdamW learning rate (default {d['lr']})")
+    a("--adam-beta2", type=fraction, help=f"AdamW's beta2, the decay of its average of squared gradients (default "
+      f"{d['adam_beta2']})")
     a("--warmup-steps", type=non_negative_int, help=f"linear learning-rate warm-up (default {d['warmup_steps']})")
     a("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up: linear (decay to zero at the end of the run, "
       f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
@@ -660,7 +665,8 @@ def build_parser():
       f"the training images; with --loss plain, their loss weighting) (default {d['prediction']})")
     a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
     a("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help=f"how training draws t: uniform (the paper's), "
-      f"speed (SpeeD's asymmetric sampling, Wang et al., 2024: the timesteps where x_t is nearly pure noise drawn "
+      f"stratified (uniform, each batch spread evenly over the timesteps: Kingma et al., 2021), speed (SpeeD's "
+      f"asymmetric sampling, Wang et al., 2024: the timesteps where x_t is nearly pure noise drawn "
       f"{SPEED_RATIO:g} times less often) or lognormal (EDM's: ln(sigma_t / alpha_t) ~ N({P_MEAN:g}, {P_STD:g}^2)) "
       f"(default {d['timestep_sampling']})")
     a("--seed", type=int, help=f"random seed (default {d['seed']})")

@@ -133,6 +133,50 @@ def test_speed_sampling_draws_the_nearly_pure_noise_timesteps_five_times_less_of
     assert torch.equal(sched.sample_timesteps(64, g1), torch.randint(0, 1000, (64,), generator=g2))
 
 
+def test_stratified_timesteps_cover_every_stratum_of_each_batch_and_are_uniform_over_batches():
+    sched = LinearNoiseScheduler()
+    g = torch.Generator().manual_seed(0)
+    batches = [sched.sample_timesteps(128, g, stratified=True) for _ in range(2000)]
+    for t in batches[:50]:
+        strata = torch.sort((t.double() + 0.5) * 128 / 1000).values.floor().long()
+        assert torch.equal(torch.unique(t), torch.sort(t).values), "no timestep twice in a batch of 128 < T"
+        assert (strata - torch.arange(128)).abs().max() <= 1, "one draw in each 1/B of the timesteps"
+    assert not torch.equal(batches[0], torch.sort(batches[0]).values), "the strata come in random order"
+    # each draw alone is uniform over the T timesteps: the first of 40,000 batches (independent of each other), 40 a
+    # timestep, pass a chi-square test (999 degrees of freedom; 1,160 is its 0.03% tail)
+    first = torch.stack([sched.sample_timesteps(128, g, stratified=True)[0] for _ in range(40_000)])
+    counts = torch.bincount(first, minlength=1000).double()
+    assert float(((counts - 40) ** 2 / 40).sum()) < 1160
+    # the independent draws are at least as spread: their batches miss strata that stratified ones never miss
+    plain = sched.sample_timesteps(128, torch.Generator().manual_seed(0))
+    assert len(torch.unique((plain * 128) // 1000)) < 128 == len(torch.unique((batches[0] * 128 + 64) // 1000))
+
+
+def test_stratified_timesteps_and_adam_beta2_are_run_options_kept_on_resume(data_dir, tmp_path):
+    base = train_tiny(data_dir, tmp_path / "base", "--epochs", "1")
+    new = train_tiny(data_dir, tmp_path / "new", "--timestep-sampling", "stratified", "--adam-beta2", "0.99",
+                     "--epochs", "1")
+    assert new["config"]["adam_beta2"] == 0.99 and new["config"]["timestep_sampling"] == "stratified"
+    assert [group["betas"] for group in new["optimizer"]["param_groups"]] == [(0.9, 0.99)]
+    assert [group["betas"] for group in base["optimizer"]["param_groups"]] == [(0.9, DEFAULTS["adam_beta2"])]
+    assert any(not torch.equal(new["model"][k], base["model"][k]) for k in base["model"])
+    refused = run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "new", "--resume",
+                         "--adam-beta2", "0.999", "--epochs", "2", check=False)
+    assert refused.returncode == 2 and "--adam-beta2 0.999 (checkpoint: 0.99)" in refused.stderr
+    resumed = train_tiny(data_dir, tmp_path / "new", "--resume", "--epochs", "2")
+    assert resumed["step"] > new["step"] and resumed["config"]["adam_beta2"] == 0.99
+    assert [group["betas"] for group in resumed["optimizer"]["param_groups"]] == [(0.9, 0.99)]
+    del base["config"]["adam_beta2"]                                      # as written before the option existed
+    base["format"] = "ddpm-checkpoint-v1"
+    torch.save(base, tmp_path / "base" / "ddpm_ckpt.pth")
+    old = train_tiny(data_dir, tmp_path / "base", "--resume", "--epochs", "2")
+    assert old["config"]["adam_beta2"] == 0.999
+    assert [group["betas"] for group in old["optimizer"]["param_groups"]] == [(0.9, 0.999)]
+    impossible = run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "x", "--adam-beta2", "1",
+                            check=False)
+    assert impossible.returncode == 2 and "--adam-beta2" in impossible.stderr and not (tmp_path / "x").exists()
+
+
 def test_a_checkpoint_of_before_timestep_sampling_resumes_uniform_and_the_option_cannot_change_on_resume(data_dir,
                                                                                                          tmp_path):
     straight = train_tiny(data_dir, tmp_path / "straight", "--timestep-sampling", "uniform", "--epochs", "2")
