@@ -157,7 +157,7 @@ def test_rgb_folder_model_trains_resumes_and_samples_without_flags(tmp_path):
 
 
 def test_label_on_unconditional_model_is_an_error(train_tiny, tmp_path):
-    train_tiny(tmp_path / "run", "--epochs", "1")
+    train_tiny(tmp_path / "run", "--epochs", "1", "--unconditional")
     result = run_script("sampling.py", "--ckpt", tmp_path / "run" / "ddpm_ckpt.pth", "--label", "3",
                         "--out-dir", tmp_path / "s", check=False)
     assert result.returncode == 2 and "unconditional" in result.stderr

@@ -216,3 +216,33 @@ def test_an_edm_run_measures_sigma_data_on_its_images_keeps_it_on_resume_and_sam
     assert drawn.shape == (4, 1, 28, 28) and drawn.dtype == torch.uint8 and drawn.float().std() > 0
     plain = train_tiny(data_dir, tmp_path / "eps", "--epochs", "1")
     assert "sigma_data" not in plain["config"], "only the edm prediction measures the data"
+
+
+def test_labelled_data_trains_a_conditional_model_unless_unconditional_is_asked(data_dir, tmp_path):
+    from PIL import Image
+
+    default = train_tiny(data_dir, tmp_path / "default", "--epochs", "1")
+    assert default["config"]["conditional"] is True and default["config"]["num_classes"] == 10
+    assert "label_embedding.weight" in default["model"]
+    paper = train_tiny(data_dir, tmp_path / "paper", "--epochs", "1", "--unconditional")
+    assert paper["config"]["conditional"] is False and paper["config"]["num_classes"] is None
+    assert not any(k.startswith("label_embedding") for k in paper["model"])
+    refused = run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "paper", "--resume",
+                         "--conditional", "--epochs", "2", check=False)
+    assert refused.returncode == 2 and "--conditional (checkpoint: --unconditional)" in refused.stderr
+    resumed = train_tiny(data_dir, tmp_path / "paper", "--resume", "--epochs", "2")
+    assert resumed["config"]["conditional"] is False and resumed["step"] > paper["step"]
+    # a checkpoint without the key (none was written so, but LEGACY_CONFIG says what it would mean) stays unconditional
+    del resumed["config"]["conditional"]
+    resumed["format"] = "ddpm-checkpoint-v1"
+    torch.save(resumed, tmp_path / "paper" / "ddpm_ckpt.pth")
+    old = train_tiny(data_dir, tmp_path / "paper", "--resume", "--epochs", "3")
+    assert old["config"]["conditional"] is False and old["config"]["num_classes"] is None
+    # images without labels (a folder without class sub-folders) train the unconditional model, with no flag
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(8):
+        Image.new("L", (28, 28), i * 30).save(flat / f"{i}.png")
+    unlabelled = train_tiny(str(flat), tmp_path / "flat_run", "--dataset", "folder", "--image-size", "28",
+                            "--batch-size", "4", "--epochs", "1")
+    assert unlabelled["config"]["conditional"] is False and unlabelled["config"]["num_classes"] is None
