@@ -335,7 +335,7 @@ def test_checkpoint_end_to_end_equals_scoring_its_samples_as_pngs(train_tiny, da
                "--precision", "fp32"]
     common = ["--data-dir", data_dir, "--cache-dir", cache_dir, "--json"]
     direct = json.loads(run_script("evaluate.py", "--ckpt", ckpt, *options, *common).stdout)   # stdout: the JSON only
-    assert direct["source"] == f"{ckpt} (5-step DDIM (eta 0), guidance 2)"
+    assert direct["source"] == f"{ckpt} (5-step DDIM (eta 0), guidance 1)"
     assert direct["num_images"] == direct["real_floor"]["num_images"] == 24
     assert 0 <= direct["generated"]["label_agreement"] <= 1 and direct["generated"]["fid"] > 0
 
@@ -349,7 +349,7 @@ def test_checkpoint_end_to_end_equals_scoring_its_samples_as_pngs(train_tiny, da
     assert from_pngs["real_floor"] == pytest.approx(direct["real_floor"], rel=1e-6)
 
     table = evaluate.format_table(direct)
-    assert f"24 images from {ckpt} (5-step DDIM (eta 0), guidance 2)" in table
+    assert f"24 images from {ckpt} (5-step DDIM (eta 0), guidance 1)" in table
     assert float(fid_row(table)[0]) == pytest.approx(direct["generated"]["fid"], abs=5e-4)
     assert "classifier agrees with the requested label" in table and "real (floor)" in table
 
