@@ -3,6 +3,7 @@
     python benchmark.py                      # the default model, on the default device
     python benchmark.py --precision both     # bf16 and fp32 one after the other
     python benchmark.py --channels 64 --json # another width, as one JSON object
+    python benchmark.py --num-classes 0      # the paper's unconditional model
     python benchmark.py --device cuda --compile
 
 Prints: forward FLOPs per image; this device's own bf16 and float32 matmul peak, measured in the same run;
@@ -22,7 +23,7 @@ import time
 
 import torch
 
-from cli import add_device_options, int_list, positive_int
+from cli import add_device_options, int_list, non_negative_int, positive_int
 from hardware import (
     LAYOUT_NAMES,
     autocast,
@@ -33,7 +34,7 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from sampling import STEPS_SAMPLER, Pipeline, generate, sample, walk_of
+from sampling import DEFAULT_GUIDANCE, STEPS_SAMPLER, Pipeline, generate, predict_noise, sample, walk_of
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
 
@@ -56,16 +57,23 @@ def matmul_peak(device, dtype, seconds=1.0):
     return 2 * n ** 3 * count / (time.perf_counter() - start)
 
 
+def class_labels(model, n, device):
+    """Labels 0, 1, ..., in turn for a conditional model (as generate asks for them), None for an unconditional one."""
+    return torch.arange(n, device=device) % model.num_classes if model.num_classes else None
+
+
 def train_throughput(model, scheduler, device, precision, batch_size, steps, compile_):
     """Images per second of algorithm 1, steady state (after warm-up steps)."""
+    labels = class_labels(model, batch_size, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, DEFAULTS["adam_beta2"]))
     net = torch.compile(model) if compile_ else model
     x0 = torch.rand(batch_size, model.in_channels, model.image_size, model.image_size, device=device) * 2 - 1
     t_probs = scheduler.timestep_probs(DEFAULTS["timestep_sampling"])        # training's default distribution of t
 
     def step():
-        loss = diffusion_loss(net, scheduler, x0, precision=precision, min_snr_gamma=loss_gamma(DEFAULTS),
-                              t_probs=t_probs, stratified=DEFAULTS["timestep_sampling"] == "stratified")
+        loss = diffusion_loss(net, scheduler, x0, labels, precision=precision, min_snr_gamma=loss_gamma(DEFAULTS),
+                              label_dropout=DEFAULTS["label_dropout"], null_label=model.num_classes, t_probs=t_probs,
+                              stratified=DEFAULTS["timestep_sampling"] == "stratified")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,25 +90,31 @@ def train_throughput(model, scheduler, device, precision, batch_size, steps, com
 
 @torch.inference_mode()
 def ddpm_seconds(model, scheduler, device, precision, n, steps):
-    """Seconds for the first `steps` ancestral steps (algorithm 2) on n images."""
+    """Seconds for the first `steps` ancestral steps (algorithm 2) on n images (with guidance, for a conditional
+    model)."""
     x = torch.randn(n, model.in_channels, model.image_size, model.image_size, device=device)
+    labels = class_labels(model, n, device)
     with autocast(device, precision):
         for _ in range(3):                                                     # warm-up (compiling, CUDA graphs)
             model(x, torch.zeros(n, dtype=torch.long, device=device))
         synchronize(device)
         start = time.perf_counter()
         for t in scheduler.timesteps()[:steps]:
-            eps = model(x, torch.full((n,), t, dtype=torch.long, device=device)).float()
+            eps = predict_noise(model, x, torch.full((n,), t, dtype=torch.long, device=device), labels,
+                                DEFAULT_GUIDANCE)
             x, _ = scheduler.step(eps, t, x)
         synchronize(device)
     return time.perf_counter() - start
 
 
 def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
-    """Seconds for a whole run of a few-step sampler (DDIM, DPM-Solver++) of `steps` steps on n images."""
+    """Seconds for a whole run of a few-step sampler (DDIM, DPM-Solver++) of `steps` steps on n images (with
+    guidance, for a conditional model)."""
+    labels = class_labels(model, n, device)
     synchronize(device)
     start = time.perf_counter()
-    sample(model, scheduler, n, device=device, precision=precision, sampler=sampler, steps=steps, progress=False)
+    sample(model, scheduler, n, device=device, precision=precision, sampler=sampler, steps=steps, labels=labels,
+           guidance_scale=DEFAULT_GUIDANCE, progress=False)
     synchronize(device)
     return time.perf_counter() - start
 
@@ -146,6 +160,9 @@ def build_parser():
     p.add_argument("--num-res-blocks", type=positive_int, default=d["num_res_blocks"],
                    help="residual blocks per level")
     p.add_argument("--in-channels", type=positive_int, default=1, help="image channels (1 grayscale, 3 colour)")
+    p.add_argument("--num-classes", type=non_negative_int, default=10, help="classes of a conditional model, as "
+                   f"training.py makes for MNIST (its samplers are timed with sampling.py's guidance, "
+                   f"{DEFAULT_GUIDANCE:g}); 0 for the paper's unconditional model (default 10)")
     p.add_argument("--image-size", type=positive_int, default=28, help="image side in pixels")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training and sampling")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -193,7 +210,8 @@ def main(argv=None):
     shape = model_shape(args.in_channels, args.image_size, args.channel_mults)
     args.channel_mults = shape["channel_mults"]
     try:
-        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks).to(device)
+        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks,
+                     num_classes=args.num_classes or None).to(device)
     except ValueError as e:
         p.error(str(e))
     scheduler = make_scheduler("linear", 1000).to(device)
@@ -212,6 +230,7 @@ def main(argv=None):
         "device": str(device), "device_name": describe_device(device), "torch": torch.__version__,
         "model": {"base_channels": args.channels, "channel_mults": args.channel_mults,
                   "num_res_blocks": args.num_res_blocks, "image": [args.in_channels, args.image_size, args.image_size],
+                  "num_classes": args.num_classes, "guidance_scale": DEFAULT_GUIDANCE if args.num_classes else None,
                   "parameters": sum(q.numel() for q in model.parameters())},
         "forward_gflops_per_image": flops / 1e9,
         "train_batch_size": args.batch_size,
@@ -229,7 +248,9 @@ def main(argv=None):
     print(f"device {result['device']} ({result['device_name']}), torch {result['torch']}")
     print(f"model: {args.channels} channels x {args.channel_mults}, {args.num_res_blocks} res blocks/level, "
           f"{result['model']['parameters'] / 1e6:.2f} M parameters, "
-          f"image {args.in_channels}x{args.image_size}x{args.image_size}")
+          f"image {args.in_channels}x{args.image_size}x{args.image_size}, " + (
+              f"{args.num_classes} classes, sampled with guidance {DEFAULT_GUIDANCE:g}" if args.num_classes
+              else "unconditional"))
     print(f"  forward FLOPs per image: {flops / 1e9:.3f} GFLOP; matmul peak measured now: "
           f"bf16 {peak_bf16 / 1e12:.3f}, fp32 {peak_fp32 / 1e12:.3f} TFLOP/s")
     for option, r in runs.items():
