@@ -733,9 +733,10 @@ def resolve_config(args, parser, ckpt):
     config = {**DEFAULTS, **LEGACY_CONFIG, **ckpt["config"]}
     flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
 
-    def text(k, value):
-        return {True: "--conditional", False: "--unconditional"}[value] if k == "conditional" else f"{flag[k]} {value}"
-    differ = [f"{text(k, given[k])} (checkpoint: {text(k, config.get(k))})"
+    def option(k, value):
+        return ("--conditional" if value else "--unconditional") if k == "conditional" else f"{flag[k]} {value}"
+    differ = [f"{option(k, given[k])} (checkpoint: "
+              f"{option(k, config.get(k)) if k == 'conditional' else config.get(k)})"
               for k in RUN_KEYS if k in given and given[k] != config.get(k)]
     if differ:
         parser.error("--resume continues the run in the checkpoint, but these options contradict it: "
