@@ -90,8 +90,8 @@ def train_throughput(model, scheduler, device, precision, batch_size, steps, com
 
 @torch.inference_mode()
 def ddpm_seconds(model, scheduler, device, precision, n, steps):
-    """Seconds for the first `steps` ancestral steps (algorithm 2) on n images (with guidance, for a conditional
-    model)."""
+    """Seconds for the first `steps` ancestral steps (algorithm 2) on n images (a conditional model's classes in
+    turn, with sampling.py's guidance)."""
     x = torch.randn(n, model.in_channels, model.image_size, model.image_size, device=device)
     labels = class_labels(model, n, device)
     with autocast(device, precision):
@@ -108,8 +108,8 @@ def ddpm_seconds(model, scheduler, device, precision, n, steps):
 
 
 def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
-    """Seconds for a whole run of a few-step sampler (DDIM, DPM-Solver++) of `steps` steps on n images (with
-    guidance, for a conditional model)."""
+    """Seconds for a whole run of a few-step sampler (DDIM, DPM-Solver++) of `steps` steps on n images (a
+    conditional model's classes in turn, with sampling.py's guidance)."""
     labels = class_labels(model, n, device)
     synchronize(device)
     start = time.perf_counter()
