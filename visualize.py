@@ -137,7 +137,7 @@ def plot_fid(log_paths, labels, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     curves = {}
     for log_path, label in zip(log_paths, labels):
         curves[label] = fid_against_minutes(log_path)
@@ -149,7 +149,7 @@ def plot_fid(log_paths, labels, path):
         axis(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_title("FID against training time")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)   # beside, not over, the curves
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -200,9 +200,9 @@ def test_visualize_fid_draws_each_run_against_its_minutes_of_training(tmp_path):
         logs.append(str(log))
     curves = plot_fid(logs, ["a", "b"], tmp_path / "fid.png")
     assert curves == {"a": [(2.0, 40.0), (2.5, 20.0)], "b": [(2.0, 30.0)]}
-    assert Image.open(tmp_path / "fid.png").size == (480, 320)
+    assert Image.open(tmp_path / "fid.png").size == (680, 320)             # 8.5 x 4 inches at 80 dpi, legend beside
     run_script("visualize.py", "fid", "--logs", *logs, "--out", tmp_path / "cli.png")
-    assert Image.open(tmp_path / "cli.png").size == (480, 320)
+    assert Image.open(tmp_path / "cli.png").size == (680, 320)
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "loss_log.csv").write_text("epoch,step,loss,images_per_s,seconds,fid\n1,1,0.1,100,60,\n")
     no_fid = run_script("visualize.py", "fid", "--logs", tmp_path / "c" / "loss_log.csv", "--out", tmp_path / "x.png",
