@@ -355,7 +355,8 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
         generators[name] = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn(shape, generator=generators[name], device=device)
     features = {name: [] for name in walks}
-    with tqdm(total=sum(map(len, walks.values())) * math.ceil(samples / batch), unit="step", disable=not progress,
+    evaluations = sum(len(walk) - sum(map(int.__lt__, walk, walk[1:])) for walk in walks.values())  # jumps: none
+    with tqdm(total=evaluations * math.ceil(samples / batch), unit="step", disable=not progress,
               desc=f"fitting UniPC's {steps}-step walk to the model") as bar:
         for first in range(0, samples, batch):
             part = slice(first, first + batch)
