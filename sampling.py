@@ -357,7 +357,8 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
         generators[name] = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn(shape, generator=generators[name], device=device)
     features = {name: [] for name in walks}
-    evaluations = sum(len(walk) - sum(map(int.__lt__, walk, walk[1:])) for walk in walks.values())  # jumps: none
+    jumps = sum(later > earlier for walk in walks.values() for earlier, later in zip(walk, walk[1:]))  # (as sample)
+    evaluations = sum(map(len, walks.values())) - jumps             # a callback each, but none at Restart's jumps
     with tqdm(total=evaluations * math.ceil(samples / batch), unit="step", disable=not progress,
               desc=f"fitting UniPC's {steps}-step walk to the model") as bar:
         for first in range(0, samples, batch):
