@@ -21,6 +21,11 @@ import torch.distributed as dist
 
 from cli import atomic_write
 
+try:
+    import fcntl  # the probe cache's lock (POSIX)
+except ImportError:
+    fcntl = None
+
 
 # ---- devices and precision ---------------------------------------------------------------------
 def pick_device(name="auto"):
@@ -247,13 +252,24 @@ def _read_probe_cache(path):
         return {}
 
 
-def _write_probe_cache(path, cache):
-    """Best effort: a cache that cannot be written costs a probe next time, nothing more."""
+def _add_to_probe_cache(path, key, verdict):
+    """Keep one verdict and return the one kept.  The file is read again under a lock, so that two runs probing
+    at once add to it instead of writing over each other's verdicts: a lost verdict is timed again later, under
+    other load, and two runs of one model could then choose different precisions.  Of two verdicts for one key,
+    the first written stays, and both runs use it.  Best effort: a cache that cannot be written costs a probe
+    next time, nothing more."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda f: json.dump(cache, f, indent=1))
+        with open(path + ".lock", "a") as lock:
+            if fcntl is not None:               # POSIX; elsewhere the re-read alone narrows the window
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            cache = _read_probe_cache(path)
+            if key not in cache:
+                cache[key] = verdict
+                atomic_write(path, lambda f: json.dump(cache, f, indent=1))
+            return cache[key]
     except OSError:
-        pass
+        return verdict
 
 
 PROBE_BATCH = {True: 16, False: 32}      # images per timed pass, training and sampling: the probe stays near 1 s
@@ -286,17 +302,20 @@ def choose_speed(model, device, precision="auto", training=False, batch_size=100
     key = json.dumps([describe_device(device), torch.__version__, "training" if training else "sampling", batch,
                       type(model).__name__, [list(p.shape) for p in model.parameters()]])
     path = probe_cache_path()
-    cache = _read_probe_cache(path) if use_cache else {}
-    if key in cache:
-        seconds = {(c[0], LAYOUT_NAMES_INV[c[1]]): t for c, t in cache[key]}
+    verdict = _read_probe_cache(path).get(key) if use_cache else None          # [[(precision, layout), seconds]]
+    if verdict is not None:
         where = f"probe cached in {path}"
     else:
         start = time.perf_counter()
-        seconds = _probe(model, device, training, batch, candidates)
+        timed = _probe(model, device, training, batch, candidates)
         where = f"probe took {time.perf_counter() - start:.1f} s"
+        verdict = [[(p, LAYOUT_NAMES[f]), t] for (p, f), t in timed.items()]
         if use_cache:
-            cache[key] = [[(p, LAYOUT_NAMES[f]), t] for (p, f), t in seconds.items()]
-            _write_probe_cache(path, cache)
+            kept = _add_to_probe_cache(path, key, verdict)
+            if kept is not verdict:
+                where += f"; another run's verdict, cached in {path} meanwhile, kept"
+            verdict = kept
+    seconds = {(c[0], LAYOUT_NAMES_INV[c[1]]): t for c, t in verdict}
     best = fastest(seconds)
     others = ", ".join(f"{p} {LAYOUT_NAMES[f]} {seconds[best] / t:.2f}x"
                        for (p, f), t in seconds.items() if (p, f) != best)

@@ -85,6 +85,43 @@ def test_auto_picks_the_fastest_of_the_timed_candidates_and_caches_the_verdict(w
     assert len(json.loads(probe_cache.read_text())) == 2
 
 
+def winning(winner):
+    """Timings of the four candidates in which `winner` (precision, layout name) is fastest."""
+    return {(p, f): 0.5 if (p, f) == winner else 1.0 for p in ("fp32", "bf16") for f in ("NCHW", "NHWC")}
+
+
+def test_a_verdict_written_by_another_run_while_this_one_times_is_kept(probe_cache, monkeypatch):
+    """Two runs probing at once (two test workers, two users' jobs): each adds its verdict to the file as it is
+    then, instead of writing back the file it read before timing.  A lost verdict would be timed again under
+    other load, and the next run of that model could choose another precision than the run it resumes."""
+    monkeypatch.setattr(hardware, "bf16_supported", lambda device: True)
+    other = {"another model": [[["fp32", "NHWC"], 0.5]]}
+
+    def probe_while_another_run_writes(model, device, training, batch, candidates):
+        probe_cache.write_text(json.dumps(other))
+        return fake_probe(winning(("bf16", "NCHW")), [])(model, device, training, batch, candidates)
+    monkeypatch.setattr(hardware, "_probe", probe_while_another_run_writes)
+    choose_speed(tiny_unet(), CPU, "auto", training=True)
+    cache = json.loads(probe_cache.read_text())
+    assert len(cache) == 2 and cache["another model"] == other["another model"]
+
+
+def test_two_runs_timing_one_model_at_once_both_use_the_verdict_written_first(probe_cache, monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_supported", lambda device: True)
+    model = tiny_unet()
+    first = []
+
+    def slow_probe(*args):        # while this run times, another run of the same model times and writes first
+        monkeypatch.setattr(hardware, "_probe", fake_probe(winning(("fp32", "NHWC")), []))
+        first.append(choose_speed(model, CPU, "auto", training=True))
+        return fake_probe(winning(("bf16", "NCHW")), [])(*args)
+    monkeypatch.setattr(hardware, "_probe", slow_probe)
+    precision, layout, note = choose_speed(model, CPU, "auto", training=True)
+    assert (precision, hardware.LAYOUT_NAMES[layout]) == ("fp32", "NHWC") and first[0][:2] == (precision, layout)
+    assert "another run's verdict" in note
+    assert choose_speed(model, CPU, "auto", training=True)[:2] == (precision, layout)
+
+
 def test_a_cpu_without_bf16_only_times_the_layouts(probe_cache, monkeypatch):
     calls = []
     monkeypatch.setattr(hardware, "bf16_supported", lambda device: False)
