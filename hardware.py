@@ -245,11 +245,13 @@ def probe_cache_path():
 
 
 def _read_probe_cache(path):
+    """{key: verdict}; a file that is missing, unreadable or not such a table reads as empty."""
     try:
         with open(path) as f:
-            return json.load(f)
+            cache = json.load(f)
     except (OSError, ValueError):
         return {}
+    return cache if isinstance(cache, dict) else {}
 
 
 def _add_to_probe_cache(path, key, verdict):

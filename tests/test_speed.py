@@ -122,6 +122,16 @@ def test_two_runs_timing_one_model_at_once_both_use_the_verdict_written_first(pr
     assert choose_speed(model, CPU, "auto", training=True)[:2] == (precision, layout)
 
 
+@pytest.mark.parametrize("damaged", ["[1, 2]", "{not json", ""])
+def test_a_damaged_cache_file_is_timed_again_and_replaced(damaged, probe_cache, monkeypatch):
+    monkeypatch.setattr(hardware, "bf16_supported", lambda device: True)
+    monkeypatch.setattr(hardware, "_probe", fake_probe(winning(("fp32", "NHWC")), []))
+    probe_cache.write_text(damaged)
+    precision, layout, note = choose_speed(tiny_unet(), CPU, "auto", training=True)
+    assert (precision, hardware.LAYOUT_NAMES[layout]) == ("fp32", "NHWC") and "probe took" in note
+    assert len(json.loads(probe_cache.read_text())) == 1
+
+
 def test_a_cpu_without_bf16_only_times_the_layouts(probe_cache, monkeypatch):
     calls = []
     monkeypatch.setattr(hardware, "bf16_supported", lambda device: False)
