@@ -67,10 +67,14 @@ def fake_probe(timings, calls):
     return probe
 
 
+def winning(winner):
+    """Timings of the four candidates in which `winner` (precision, layout name) is fastest."""
+    return {(p, f): 0.5 if (p, f) == winner else 1.0 for p in ("fp32", "bf16") for f in ("NCHW", "NHWC")}
+
+
 @pytest.mark.parametrize("winner", [("bf16", "NCHW"), ("fp32", "NHWC"), ("fp32", "NCHW")])
 def test_auto_picks_the_fastest_of_the_timed_candidates_and_caches_the_verdict(winner, probe_cache, monkeypatch):
-    timings = {(p, f): 1.0 for p in ("fp32", "bf16") for f in ("NCHW", "NHWC")}
-    timings[winner] = 0.5
+    timings = winning(winner)
     calls = []
     monkeypatch.setattr(hardware, "bf16_supported", lambda device: True)
     monkeypatch.setattr(hardware, "_probe", fake_probe(timings, calls))
@@ -83,11 +87,6 @@ def test_auto_picks_the_fastest_of_the_timed_candidates_and_caches_the_verdict(w
     choose_speed(model, CPU, "auto", training=False, batch_size=100)
     assert calls[-1] == (False, hardware.PROBE_BATCH[False]), "sampling is timed on its own"
     assert len(json.loads(probe_cache.read_text())) == 2
-
-
-def winning(winner):
-    """Timings of the four candidates in which `winner` (precision, layout name) is fastest."""
-    return {(p, f): 0.5 if (p, f) == winner else 1.0 for p in ("fp32", "bf16") for f in ("NCHW", "NHWC")}
 
 
 def test_a_verdict_written_by_another_run_while_this_one_times_is_kept(probe_cache, monkeypatch):
