@@ -1,4 +1,6 @@
-"""Checkpoints that survive crashes: atomic writes, a SHA-256 of every byte, and loads that explain what is wrong.
+"""Every weight file of the project, written so that it survives crashes and read so that a damaged one is never
+loaded: training's checkpoints, export.py's safetensors files, their SHA-256 seals, and the readers of their older
+formats.
 
 A checkpoint is one file, written by training.py, holding everything needed to continue a run
 or to sample from it:
@@ -14,15 +16,23 @@ or to sample from it:
     fid_seconds   the training time since the last --fid-every measurement
     launch_seconds   the seconds this launch has trained, over its torchrun restarts (--max-minutes' budget)
     launch_id     the torchrun launch that wrote it (training.launch_id; None outside torchrun)
+    fit           what the few-step samplers fitted to the EMA weights (samplers.walk_of; store_fit), if anything
 (epoch to launch_seconds: training.RunState, saved and restored under these names.)
 The file is torch.save's zip with an archive comment at its end, b"ddpm-sha256:" and the SHA-256 (64 hex digits) of
 every byte before it, so that any changed byte is found on loading: torch.load does not check the zip's CRC-32s.
 Zip readers, torch.load among them, read past the comment.  The save before the latest is kept beside it
 (previous_path), so a damaged checkpoint is not the end of a run.
 Loading uses torch.load(weights_only=True), so a file can never run code when it is read.
+
+An export (export.py) is a safetensors file of the EMA weights, with the configuration and its own SHA-256 in its
+metadata (seal_safetensors).  read_weights reads either kind.
 """
+import contextlib
+import fcntl
 import hashlib
 import io
+import json
+import math
 import os
 import pickle
 import re
@@ -33,6 +43,7 @@ import warnings
 import torch
 
 from cli import atomic_write, first_line
+from run_folder import LOCK_NAME
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint-v2"
 # Written before checkpoints carried their SHA-256: they load, with a note that they cannot be verified.
@@ -66,7 +77,7 @@ def seal(data):
 def save_checkpoint(state, path, keep_previous=True):
     """Write `state` to `path` with its SHA-256 (seal), atomically (cli.atomic_write: a temporary file in the same
     folder, flushed and fsynced, then renamed over the old checkpoint), the old checkpoint kept as
-    previous_path(path) by the same rename dance (unless keep_previous is False: sampling.store_fit adds to the
+    previous_path(path) by the same rename dance (unless keep_previous is False: store_fit adds to the
     same save, which is no new one).  On any failure both files are untouched and the temporary file is removed."""
     try:
         buffer = io.BytesIO()
@@ -188,3 +199,186 @@ def set_rng_state(state, generator):
     generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- the exported weights: safetensors ------------------------------------------------------------------------
+SAFETENSORS_FORMAT = "ddpm-ema-v2"      # metadata["format"] of the files export.py writes
+# Written before exports carried their SHA-256: they load, with a note that they cannot be verified.
+UNVERIFIED_SAFETENSORS_FORMATS = ("ddpm-ema-v1",)
+HASH_KEY = "ddpm_sha256"                # metadata[HASH_KEY]: the SHA-256 of the file, with these 64 digits as zeros
+
+
+def is_safetensors(path):
+    """Whether `path` is meant as a safetensors file: its name ends in .safetensors, or it begins as one does (an
+    8-byte little-endian header length, then the JSON header's '{'), where a checkpoint is a zip or a pickle."""
+    if os.fspath(path).endswith(".safetensors"):          # (a str or a pathlib.Path)
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False             # load_checkpoint says what is wrong with the path
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path)
+
+
+def _hash_field(digest):
+    """How the header's JSON holds metadata[HASH_KEY] (safetensors writes it compact: no spaces)."""
+    return b'"%s":"%s"' % (HASH_KEY.encode(), digest)
+
+
+def seal_safetensors(data):
+    """The bytes of safetensors.torch.save, whose metadata holds HASH_KEY as 64 zeros, with the zeros replaced by the
+    SHA-256 of those bytes: the header keeps its length and stays valid JSON, and every byte of the file (header,
+    padding and tensors) is covered."""
+    header = data[8:8 + int.from_bytes(data[:8], "little")]
+    field = _hash_field(b"0" * 64)
+    if header.count(field) != 1:
+        raise ValueError(f"the header does not hold {HASH_KEY} as 64 zeros once")
+    at = 8 + header.index(field) + len(field) - 65
+    return data[:at] + hashlib.sha256(data).hexdigest().encode() + data[at + 64:]
+
+
+def write_safetensors(weights, metadata, path):
+    """Write weights with string metadata as a safetensors file sealed with its SHA-256 (seal_safetensors),
+    atomically; OSError if it cannot be written."""
+    from safetensors.torch import save
+    # contiguous copies on the CPU: safetensors stores dense row-major tensors and refuses shared memory
+    weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in weights.items()}
+    data = seal_safetensors(save(weights, metadata={**metadata, "format": SAFETENSORS_FORMAT, HASH_KEY: "0" * 64}))
+    atomic_write(path, lambda f: f.write(data), binary=True)
+
+
+def read_safetensors(path, with_metadata=False):
+    """(EMA state dict, training configuration) of a file written by export.py, or CheckpointError in one
+    sentence: a missing, truncated, damaged (its SHA-256 does not match) or foreign file.  A file written before
+    exports carried their SHA-256 loads with a one-line note on stderr, once per process."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    if not os.path.isfile(path):
+        raise CheckpointError(f"there is no safetensors file at {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
+    unreadable = f"{path} is not a readable safetensors file; it may be truncated or another kind of file"
+    try:
+        length = int.from_bytes(data[:8], "little")
+        if len(data) < 10 or not 2 <= length <= len(data) - 8:
+            raise ValueError("its header length does not fit the file")
+        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("its metadata is not a dictionary")
+    except (ValueError, AttributeError) as e:        # (json's errors are ValueErrors)
+        raise CheckpointError(f"{unreadable} ({first_line(e)})") from None
+    digest = metadata.get(HASH_KEY)
+    if digest is not None:
+        field = _hash_field(str(digest).encode())
+        header = data[8:8 + length]
+        if len(str(digest)) != 64 or header.count(field) != 1:
+            raise CheckpointError(f"{path} is damaged: the SHA-256 it was saved with is unreadable")
+        at = 8 + header.index(field) + len(field) - 65
+        if hashlib.sha256(data[:at] + b"0" * 64 + data[at + 64:]).hexdigest() != digest:
+            raise CheckpointError(f"{path} is damaged: its content does not match the SHA-256 it was saved with")
+    elif metadata.get("format") == SAFETENSORS_FORMAT:
+        raise CheckpointError(f"{path} is damaged: the SHA-256 it was saved with is missing from its metadata")
+    try:
+        weights = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{unreadable} ({first_line(e)})") from None
+    if metadata.get("format") not in (SAFETENSORS_FORMAT,) + UNVERIFIED_SAFETENSORS_FORMATS:
+        raise CheckpointError(f"{path} is a safetensors file but not one written by this repository's export.py "
+                              f"(its metadata has no format {SAFETENSORS_FORMAT!r})")
+    try:
+        config = json.loads(metadata["config"])
+        assert isinstance(config, dict)
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise CheckpointError(f"{path} was written by export.py but its configuration is missing or damaged") from None
+    if digest is None and path not in _noted and int(os.environ.get("RANK", 0)) == 0:
+        _noted.add(path)
+        print(f"note: {path} was written before exports carried a SHA-256 of their content, so it cannot be "
+              f"verified", file=sys.stderr)
+    return (weights, config, metadata) if with_metadata else (weights, config)
+
+
+# ---- any weight file, and what is fitted to its weights ------------------------------------------------
+def read_weights(path):
+    """(EMA state dict, training configuration, the fit stored with them or None) of a checkpoint or of the
+    safetensors file export.py makes of one; CheckpointError with one sentence if the file cannot be used or its
+    weights are not finite."""
+    if is_safetensors(path):
+        weights, config, metadata = read_safetensors(path, with_metadata=True)
+        stored = metadata.get("fit")
+    else:
+        ckpt = load_checkpoint(path)
+        weights, config, stored = ckpt["ema"], ckpt["config"], ckpt.get("fit")
+    if not all_finite(weights):
+        raise CheckpointError(f"the weights in {path} are not finite (NaN or inf), so they cannot produce images")
+    return weights, config, stored
+
+
+def weights_digest(weights):
+    """SHA-256 of a state dict's names, dtypes, shapes and values: which weights a stored fit belongs to."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def checked_fit(stored, weights_sha, path):
+    """The fit stored in `path` (a dict, or its JSON in an export), if it belongs to the weights with this digest;
+    None if there is none or it belongs to other weights (it is then made again when needed, never used).  A stored
+    fit that is not what store_fit writes raises CheckpointError."""
+    if stored is None:
+        return None
+    try:
+        fit = json.loads(stored) if isinstance(stored, str) else stored
+        assert isinstance(fit, dict) and isinstance(fit["weights"], str) and ("grid" in fit or "walk_power" in fit)
+        if "grid" in fit:                                                              # fit_costs
+            n = len(fit["grid"])
+            assert n >= 2 and all(isinstance(t, int) for t in fit["grid"]) and fit["grid"] == sorted(fit["grid"])[::-1]
+            assert len(fit["cost"]) == n and all(len(row) == n for row in fit["cost"]) and len(fit["cost_afs"]) == n
+            assert all(math.isfinite(v) for row in fit["cost"] + [fit["cost_afs"]] for v in row)
+        for steps, power in fit.get("walk_power", {}).items():                        # walk_power
+            assert steps.isdigit() and int(steps) >= 1
+            assert power == "karras" or (isinstance(power, float) and 0 < power <= 10)
+    except (ValueError, TypeError, KeyError, AssertionError):
+        raise CheckpointError(f"the fitted timesteps stored in {path} are damaged; export the checkpoint again or "
+                              f"sample from the checkpoint itself") from None
+    if fit["weights"] != weights_sha:
+        print(f"note: the timesteps fitted in {path} belong to other weights; they are fitted again when needed",
+              file=sys.stderr)
+        return None
+    return fit
+
+
+def store_fit(path, fit, weights_sha):
+    """Keep a new fit with the weights of the file at `path` whose digest is weights_sha: in its checkpoint (without
+    making it a new save: the previous one stays the previous) or in its safetensors file, rewritten atomically with
+    the same weights.  Not while a training run holds the checkpoint's folder (it will write new weights, whose fit
+    is another), nor if the file no longer holds the weights the fit was made on; a fit that cannot be stored is used
+    all the same, and made again next time."""
+    if path is None or weights_sha is None:          # a pipeline built in memory (training's previews)
+        return
+    lock = os.path.join(os.path.dirname(os.path.abspath(path)), LOCK_NAME)
+    try:
+        with open(lock, "a") if os.path.exists(lock) else contextlib.nullcontext() as held:
+            if held is not None:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)     # released when the file closes
+            if is_safetensors(path):
+                weights, config, metadata = read_safetensors(path, with_metadata=True)
+                if weights_digest(weights) != weights_sha:
+                    return
+                write_safetensors(weights, {**metadata, "fit": json.dumps(fit)}, path)
+            else:
+                state = load_checkpoint(path)
+                if weights_digest(state["ema"]) != weights_sha:
+                    return
+                save_checkpoint({**state, "fit": fit}, path, keep_previous=False)
+    except BlockingIOError:
+        print(f"note: a training run holds {os.path.dirname(path) or '.'}, so the fitted timesteps are not stored in "
+              f"{path}", file=sys.stderr)
+    except (OSError, CheckpointError) as e:
+        print(f"note: the fitted timesteps could not be stored in {path} ({first_line(e)})", file=sys.stderr)

@@ -8,7 +8,7 @@ The file holds the EMA state dict (the weights sampling.py and evaluate.py use) 
     config       the whole training configuration, as JSON: the U-Net's shape, the noise schedule, the dataset,
                  the classes of a conditional model, ...
     prediction   what the network predicts ("eps" for checkpoints that do not say)
-    ddpm_sha256  the SHA-256 of the whole file as written with these 64 digits as zeros (sampling.seal_safetensors),
+    ddpm_sha256  the SHA-256 of the whole file as written with these 64 digits as zeros (checkpoint.seal_safetensors),
                  which every load checks: safetensors itself has no checksum
     fit          what is fitted to these weights (UniPC's walk, the fitted sampler's costs), as JSON, if the
                  checkpoint holds it
@@ -20,10 +20,9 @@ import argparse
 import json
 import os
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, checked_fit, load_checkpoint, weights_digest, write_safetensors
 from cli import fail, first_line
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
-from sampling import checked_fit, weights_digest, write_safetensors
 
 DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
 

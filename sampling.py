@@ -18,9 +18,6 @@ The model, its noise schedule, image size and channels are all rebuilt from the 
 import argparse
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
-import json
 import math
 import os
 import sys
@@ -29,12 +26,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, all_finite, load_checkpoint, save_checkpoint
-from cli import add_device_options, atomic_write, fail, first_line, int_list, positive_int
+from checkpoint import CheckpointError, checked_fit, read_weights, store_fit, weights_digest
+from cli import add_device_options, fail, first_line, int_list, positive_int
 from dataset import to_model_range, to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
 from noise_scheduler import NoiseScheduler, make_scheduler
-from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR, LOCK_NAME
+from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
 from unet import UNet
 
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
@@ -396,7 +393,7 @@ def walk_power(pipeline, steps, progress=False):
         power = fit_walk_power(pipeline, steps, progress=progress)
         powers = {**powers, str(steps): power}
         pipeline.fit = {**(pipeline.fit or {}), "walk_power": powers, "weights": pipeline.weights}
-        store_fit(pipeline)
+        store_fit(pipeline.source, pipeline.fit, pipeline.weights)
     return powers[str(steps)]
 
 
@@ -426,90 +423,16 @@ def walk_of(pipeline, sampler, steps, progress=False):
         return sampler_timesteps(pipeline.scheduler, sampler, steps), False
     if pipeline.fit is None or "grid" not in pipeline.fit:
         pipeline.fit = {**(pipeline.fit or {}), **fit_costs(pipeline, progress=progress), "weights": pipeline.weights}
-        store_fit(pipeline)
+        store_fit(pipeline.source, pipeline.fit, pipeline.weights)
     afs = steps <= FITTED_AFS_UP_TO
     return fit_timesteps(pipeline.fit, steps, afs), afs
-
-
-def weights_digest(weights):
-    """SHA-256 of a state dict's names, dtypes, shapes and values: which weights a stored fit belongs to."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        tensor = weights[name].detach().cpu().contiguous()
-        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def checked_fit(stored, weights_sha, path):
-    """The fit stored in `path` (a dict, or its JSON in an export), if it belongs to the weights with this digest;
-    None if there is none or it belongs to other weights (it is then made again when needed, never used).  A stored
-    fit that is not what store_fit writes raises CheckpointError."""
-    if stored is None:
-        return None
-    try:
-        fit = json.loads(stored) if isinstance(stored, str) else stored
-        assert isinstance(fit, dict) and isinstance(fit["weights"], str) and ("grid" in fit or "walk_power" in fit)
-        if "grid" in fit:                                                              # fit_costs
-            n = len(fit["grid"])
-            assert n >= 2 and all(isinstance(t, int) for t in fit["grid"]) and fit["grid"] == sorted(fit["grid"])[::-1]
-            assert len(fit["cost"]) == n and all(len(row) == n for row in fit["cost"]) and len(fit["cost_afs"]) == n
-            assert all(math.isfinite(v) for row in fit["cost"] + [fit["cost_afs"]] for v in row)
-        for steps, power in fit.get("walk_power", {}).items():                        # walk_power
-            assert steps.isdigit() and int(steps) >= 1
-            assert power == "karras" or (isinstance(power, float) and 0 < power <= 10)
-    except (ValueError, TypeError, KeyError, AssertionError):
-        raise CheckpointError(f"the fitted timesteps stored in {path} are damaged; export the checkpoint again or "
-                              f"sample from the checkpoint itself") from None
-    if fit["weights"] != weights_sha:
-        print(f"note: the timesteps fitted in {path} belong to other weights; they are fitted again when needed",
-              file=sys.stderr)
-        return None
-    return fit
-
-
-def store_fit(pipeline):
-    """Keep a new fit with the model: in its checkpoint (without making it a new save: the previous one stays the
-    previous) or in its safetensors file, rewritten atomically with the same weights.  Not while a training run holds
-    the checkpoint's folder (it will write new weights, whose fit is another), nor if the file no longer holds the
-    weights the fit was made on; a fit that cannot be stored is used all the same, and made again next time."""
-    path = pipeline.source
-    if path is None or pipeline.weights is None:
-        return
-    lock = os.path.join(os.path.dirname(os.path.abspath(path)), LOCK_NAME)
-    try:
-        with open(lock, "a") if os.path.exists(lock) else contextlib.nullcontext() as held:
-            if held is not None:
-                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)     # released when the file closes
-            if is_safetensors(path):
-                weights, config, metadata = read_safetensors(path, with_metadata=True)
-                if weights_digest(weights) != pipeline.weights:
-                    return
-                write_safetensors(weights, {**metadata, "fit": json.dumps(pipeline.fit)}, path)
-            else:
-                state = load_checkpoint(path)
-                if weights_digest(state["ema"]) != pipeline.weights:
-                    return
-                save_checkpoint({**state, "fit": pipeline.fit}, path, keep_previous=False)
-    except BlockingIOError:
-        print(f"note: a training run holds {os.path.dirname(path) or '.'}, so the fitted timesteps are not stored in "
-              f"{path}", file=sys.stderr)
-    except (OSError, CheckpointError) as e:
-        print(f"note: the fitted timesteps could not be stored in {path} ({first_line(e)})", file=sys.stderr)
 
 
 def read_model(path, device):
     """The EMA weights of a checkpoint, or of the safetensors file export.py makes of one, as a Pipeline on
     `device`, in fp32 and the default layout; CheckpointError with one sentence if the file cannot be read, its
     weights are not finite, or they do not fit the model its configuration describes."""
-    if is_safetensors(path):
-        weights, config, metadata = read_safetensors(path, with_metadata=True)
-        stored = metadata.get("fit")
-    else:
-        ckpt = load_checkpoint(path)
-        weights, config, stored = ckpt["ema"], ckpt["config"], ckpt.get("fit")
-    if not all_finite(weights):
-        raise CheckpointError(f"the weights in {path} are not finite (NaN or inf), so they cannot produce images")
+    weights, config, stored = read_weights(path)
     try:
         model = UNet(**model_config(config))
         model.load_state_dict(weights)
@@ -522,107 +445,6 @@ def read_model(path, device):
     model.to(device, memory_format=memory_format(device)).eval()
     digest = weights_digest(weights)
     return Pipeline(model, scheduler, device, "fp32", config, checked_fit(stored, digest, path), path, digest)
-
-
-# ---- the exported weights: safetensors ------------------------------------------------------------------------
-SAFETENSORS_FORMAT = "ddpm-ema-v2"      # metadata["format"] of the files export.py writes
-# Written before exports carried their SHA-256: they load, with a note that they cannot be verified.
-UNVERIFIED_SAFETENSORS_FORMATS = ("ddpm-ema-v1",)
-HASH_KEY = "ddpm_sha256"                # metadata[HASH_KEY]: the SHA-256 of the file, with these 64 digits as zeros
-_noted = set()                          # the unverifiable files this process has already said so about
-
-
-def is_safetensors(path):
-    """Whether `path` is meant as a safetensors file: its name ends in .safetensors, or it begins as one does (an
-    8-byte little-endian header length, then the JSON header's '{'), where a checkpoint is a zip or a pickle."""
-    if os.fspath(path).endswith(".safetensors"):          # (a str or a pathlib.Path)
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False             # load_checkpoint says what is wrong with the path
-    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= os.path.getsize(path)
-
-
-def _hash_field(digest):
-    """How the header's JSON holds metadata[HASH_KEY] (safetensors writes it compact: no spaces)."""
-    return b'"%s":"%s"' % (HASH_KEY.encode(), digest)
-
-
-def seal_safetensors(data):
-    """The bytes of safetensors.torch.save, whose metadata holds HASH_KEY as 64 zeros, with the zeros replaced by the
-    SHA-256 of those bytes: the header keeps its length and stays valid JSON, and every byte of the file (header,
-    padding and tensors) is covered."""
-    header = data[8:8 + int.from_bytes(data[:8], "little")]
-    field = _hash_field(b"0" * 64)
-    if header.count(field) != 1:
-        raise ValueError(f"the header does not hold {HASH_KEY} as 64 zeros once")
-    at = 8 + header.index(field) + len(field) - 65
-    return data[:at] + hashlib.sha256(data).hexdigest().encode() + data[at + 64:]
-
-
-def write_safetensors(weights, metadata, path):
-    """Write weights with string metadata as a safetensors file sealed with its SHA-256 (seal_safetensors),
-    atomically; OSError if it cannot be written."""
-    from safetensors.torch import save
-    # contiguous copies on the CPU: safetensors stores dense row-major tensors and refuses shared memory
-    weights = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in weights.items()}
-    data = seal_safetensors(save(weights, metadata={**metadata, "format": SAFETENSORS_FORMAT, HASH_KEY: "0" * 64}))
-    atomic_write(path, lambda f: f.write(data), binary=True)
-
-
-def read_safetensors(path, with_metadata=False):
-    """(EMA state dict, training configuration) of a file written by export.py, or CheckpointError in one
-    sentence: a missing, truncated, damaged (its SHA-256 does not match) or foreign file.  A file written before
-    exports carried their SHA-256 loads with a one-line note on stderr, once per process."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-    if not os.path.isfile(path):
-        raise CheckpointError(f"there is no safetensors file at {path}")
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path} ({e.strerror})") from None
-    unreadable = f"{path} is not a readable safetensors file; it may be truncated or another kind of file"
-    try:
-        length = int.from_bytes(data[:8], "little")
-        if len(data) < 10 or not 2 <= length <= len(data) - 8:
-            raise ValueError("its header length does not fit the file")
-        metadata = json.loads(data[8:8 + length]).get("__metadata__") or {}
-        if not isinstance(metadata, dict):
-            raise ValueError("its metadata is not a dictionary")
-    except (ValueError, AttributeError) as e:        # (json's errors are ValueErrors)
-        raise CheckpointError(f"{unreadable} ({first_line(e)})") from None
-    digest = metadata.get(HASH_KEY)
-    if digest is not None:
-        field = _hash_field(str(digest).encode())
-        header = data[8:8 + length]
-        if len(str(digest)) != 64 or header.count(field) != 1:
-            raise CheckpointError(f"{path} is damaged: the SHA-256 it was saved with is unreadable")
-        at = 8 + header.index(field) + len(field) - 65
-        if hashlib.sha256(data[:at] + b"0" * 64 + data[at + 64:]).hexdigest() != digest:
-            raise CheckpointError(f"{path} is damaged: its content does not match the SHA-256 it was saved with")
-    elif metadata.get("format") == SAFETENSORS_FORMAT:
-        raise CheckpointError(f"{path} is damaged: the SHA-256 it was saved with is missing from its metadata")
-    try:
-        weights = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{unreadable} ({first_line(e)})") from None
-    if metadata.get("format") not in (SAFETENSORS_FORMAT,) + UNVERIFIED_SAFETENSORS_FORMATS:
-        raise CheckpointError(f"{path} is a safetensors file but not one written by this repository's export.py "
-                              f"(its metadata has no format {SAFETENSORS_FORMAT!r})")
-    try:
-        config = json.loads(metadata["config"])
-        assert isinstance(config, dict)
-    except (KeyError, TypeError, ValueError, AssertionError):
-        raise CheckpointError(f"{path} was written by export.py but its configuration is missing or damaged") from None
-    if digest is None and path not in _noted and int(os.environ.get("RANK", 0)) == 0:
-        _noted.add(path)
-        print(f"note: {path} was written before exports carried a SHA-256 of their content, so it cannot be "
-              f"verified", file=sys.stderr)
-    return (weights, config, metadata) if with_metadata else (weights, config)
 
 
 def choose_precision(pipeline, precision="auto", batch_size=100):

@@ -8,9 +8,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import HASH_KEY, SAFETENSORS_FORMAT, CheckpointError, load_checkpoint, read_safetensors
 from conftest import run_script
-from sampling import HASH_KEY, SAFETENSORS_FORMAT, generate, load_model, read_safetensors
+from sampling import generate, load_model
 from test_reliability import assert_refused_in_one_sentence, flip_a_byte
 
 

@@ -165,8 +165,8 @@ def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_wh
     with one sentence and exit 1.  The walk's first fit runs sampling.py's main in this process, its sets 40 images
     instead of 1,000 (the rule is tested above; 1,000 took 80 to 100 s of this test on two cores); what it stored
     is then read by the script in its own process."""
-    from checkpoint import load_checkpoint, previous_path, save_checkpoint
-    from sampling import read_model, weights_digest
+    from checkpoint import load_checkpoint, previous_path, save_checkpoint, weights_digest
+    from sampling import read_model
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "2", "--preview-samples", "0")
     ckpt = out / "ddpm_ckpt.pth"

@@ -383,7 +383,7 @@ def test_files_of_before_the_sha256_still_load_and_say_once_that_they_cannot_be_
     safetensors' save as they come); a file of the new format without its SHA-256 is refused as damaged."""
     from safetensors.torch import save_file
 
-    from sampling import read_safetensors
+    from checkpoint import read_safetensors
     state = load(good_checkpoint)
     for key in ("launch_id", "launch_seconds"):
         state.pop(key, None)                        # (fields added since)
