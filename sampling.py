@@ -337,7 +337,7 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
     reference images, a measure of the noise in the distances: the power moves from even spacing only for a
     difference larger than that.  The same weights and seed give the same power.  Costs 17 + 3 * steps network
     evaluations per image (the four walks share their first)."""
-    from evaluate import frechet_distance, gaussian_stats  # (here: evaluate imports this module)
+    from fid import frechet_distance, gaussian_stats
     model, scheduler, device = pipeline.model, pipeline.scheduler, pipeline.device
     samples = samples or WALK_FIT_SAMPLES
     walks = {"reference": sampler_timesteps(scheduler, *FID_SAMPLER)}

@@ -14,6 +14,7 @@ from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
 import evaluate
+import fid
 from conftest import make_digits, run_script, write_idx
 from dataset import load_dataset
 
@@ -31,7 +32,7 @@ def random_features(n, d, seed):
 # ---- the Frechet distance ------------------------------------------------------------------------
 def test_gaussian_stats_are_the_mean_and_unbiased_covariance():
     x = random_features(300, 8, 0)
-    mu, cov = evaluate.gaussian_stats(x.float())
+    mu, cov = fid.gaussian_stats(x.float())
     assert mu.dtype == cov.dtype == torch.float64
     np.testing.assert_allclose(mu.numpy(), x.float().double().numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov.numpy(), np.cov(x.float().double().numpy(), rowvar=False), rtol=1e-10, atol=1e-12)
@@ -39,17 +40,17 @@ def test_gaussian_stats_are_the_mean_and_unbiased_covariance():
 
 @pytest.mark.parametrize("n,d", [(500, 32), (20, 64)])       # the second covariance is singular (rank 19)
 def test_frechet_distance_of_a_set_with_itself_is_zero(n, d):
-    mu, cov = evaluate.gaussian_stats(random_features(n, d, 1))
-    assert evaluate.frechet_distance(mu, cov, mu, cov) < 1e-9 * float(cov.trace())
-    other_mu, other_cov = evaluate.gaussian_stats(random_features(n, d, 2))
-    assert evaluate.frechet_distance(mu, cov, other_mu, other_cov) > 0.1 * float(cov.trace())
+    mu, cov = fid.gaussian_stats(random_features(n, d, 1))
+    assert fid.frechet_distance(mu, cov, mu, cov) < 1e-9 * float(cov.trace())
+    other_mu, other_cov = fid.gaussian_stats(random_features(n, d, 2))
+    assert fid.frechet_distance(mu, cov, other_mu, other_cov) > 0.1 * float(cov.trace())
 
 
 def test_frechet_distance_matches_the_closed_form_for_diagonal_covariances():
     mu1, mu2 = torch.tensor([0.0, 1.0, 2.0, 3.0, -1.0]), torch.tensor([1.0, -1.0, 2.0, 0.5, 0.0])
     var1, var2 = torch.tensor([1.0, 4.0, 0.25, 0.0, 2.0]), torch.tensor([9.0, 1.0, 0.25, 2.0, 0.5])
     expected = ((mu1 - mu2) ** 2).sum() + (var1 + var2 - 2 * (var1 * var2).sqrt()).sum()
-    got = evaluate.frechet_distance(mu1, torch.diag(var1), mu2, torch.diag(var2))
+    got = fid.frechet_distance(mu1, torch.diag(var1), mu2, torch.diag(var2))
     assert got == pytest.approx(float(expected), rel=1e-12)
 
 
@@ -62,14 +63,14 @@ def test_frechet_distance_matches_the_closed_form_for_full_2x2_covariances():
     product = cov1 @ cov2
     trace_sqrt = math.sqrt(float(product.trace()) + 2 * math.sqrt(float(torch.linalg.det(product))))
     expected = float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace()) - 2 * trace_sqrt
-    assert evaluate.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-12)
-    assert evaluate.frechet_distance(mu2, cov2, mu1, cov1) == pytest.approx(expected, rel=1e-12)   # symmetric
+    assert fid.frechet_distance(mu1, cov1, mu2, cov2) == pytest.approx(expected, rel=1e-12)
+    assert fid.frechet_distance(mu2, cov2, mu1, cov1) == pytest.approx(expected, rel=1e-12)   # symmetric
 
 
 def test_frechet_distance_of_scaled_gaussians_in_many_dimensions():
     """S2 = c^2 S1 gives (S1 S2)^(1/2) = c S1, so the distance is (1 - c)^2 Tr S1 for equal means."""
-    mu, cov = evaluate.gaussian_stats(random_features(400, 48, 3))
-    got = evaluate.frechet_distance(mu, cov, mu, 2.5 ** 2 * cov)
+    mu, cov = fid.gaussian_stats(random_features(400, 48, 3))
+    got = fid.frechet_distance(mu, cov, mu, 2.5 ** 2 * cov)
     assert got == pytest.approx((1 - 2.5) ** 2 * float(cov.trace()), rel=1e-9)
 
 
@@ -82,18 +83,18 @@ def tiny_train_test(data_dir):
 
 def test_the_classifier_learns_the_tiny_data(tiny_train_test):
     (images, labels), (test_images, test_labels) = tiny_train_test
-    model = evaluate.train_classifier(images, labels, CPU, epochs=20)
-    features, probs = evaluate.extract(model, test_images, CPU, batch_size=1000)
-    assert features.shape == (64, evaluate.FEATURE_DIM) and features.dtype == torch.float64
+    model = fid.train_classifier(images, labels, CPU, epochs=20)
+    features, probs = fid.extract(model, test_images, CPU, batch_size=1000)
+    assert features.shape == (64, fid.FEATURE_DIM) and features.dtype == torch.float64
     assert probs.shape == (64, 10) and torch.allclose(probs.sum(1), torch.ones(64))
     assert (probs.argmax(1) == test_labels).double().mean() > 0.6     # chance is 0.1
 
 
 def test_extract_runs_in_eval_mode_without_gradients_and_does_not_depend_on_the_batch_size(tiny_train_test):
     images = tiny_train_test[1][0]
-    model = evaluate.Classifier(1, 10).train()
-    whole, probs = evaluate.extract(model, images, CPU, batch_size=1000)
-    batched, _ = evaluate.extract(model, images, CPU, batch_size=7)
+    model = fid.Classifier(1, 10).train()
+    whole, probs = fid.extract(model, images, CPU, batch_size=1000)
+    batched, _ = fid.extract(model, images, CPU, batch_size=7)
     assert not model.training and not whole.requires_grad
     torch.testing.assert_close(whole, batched, rtol=1e-5, atol=1e-6)
 
@@ -101,8 +102,8 @@ def test_extract_runs_in_eval_mode_without_gradients_and_does_not_depend_on_the_
 def test_small_grayscale_images_use_the_classifier_without_trying_inception(monkeypatch):
     def no_inception(device):
         raise AssertionError("Inception must not be loaded for 28x28 grayscale images")
-    monkeypatch.setattr(evaluate, "load_inception", no_inception)
-    assert evaluate.choose_features(1, 28, "auto", CPU, print) is None          # None: the classifier's features
+    monkeypatch.setattr(fid, "load_inception", no_inception)
+    assert fid.choose_features(1, 28, "auto", CPU, print) is None          # None: the classifier's features
 
 
 # ---- the FID Inception (torch-fidelity's port of TensorFlow's); nothing is ever downloaded here -----
@@ -122,13 +123,13 @@ def offline_hub(monkeypatch, tmp_path):
 
 def test_colour_images_fall_back_to_the_classifier_when_the_inception_weights_cannot_be_had(offline_hub, capsys):
     notes = []
-    assert evaluate.choose_features(3, 32, "auto", CPU, notes.append) is None
+    assert fid.choose_features(3, 32, "auto", CPU, notes.append) is None
     assert len(notes) == 1 and notes[0].startswith("note: the FID Inception-v3 weights could not be downloaded "
                                                    "(<urlopen error no internet>): put " + WEIGHTS_FILE)
     assert str(offline_hub) in notes[0] and "not with papers" in notes[0]
     assert capsys.readouterr().out == ""                              # stdout stays clean for --json
-    with pytest.raises(evaluate.EvalError, match=WEIGHTS_FILE):        # asked for explicitly: an error
-        evaluate.choose_features(3, 32, "inception", CPU, notes.append)
+    with pytest.raises(fid.EvalError, match=WEIGHTS_FILE):        # asked for explicitly: an error
+        fid.choose_features(3, 32, "inception", CPU, notes.append)
     assert not offline_hub.exists() or not any(offline_hub.iterdir())  # nothing half-downloaded left behind
 
 
@@ -186,15 +187,15 @@ def test_the_fid_inception_is_read_from_torch_hubs_folder_and_gives_2048_d_featu
     weights = random_fid_inception().state_dict()
     offline_hub.mkdir(parents=True)
     torch.save(weights, offline_hub / WEIGHTS_FILE)
-    features = evaluate.load_inception(CPU)
+    features = fid.load_inception(CPU)
     assert features.tag == "inception" and features.name == "Inception-v3 with the FID weights of papers, 2048-d"
     assert WEIGHTS_FILE in features.key and "torchvision" not in features.key       # old statistics are not reused
     torch.testing.assert_close(features.network.net.state_dict(), weights, rtol=0, atol=0)
 
     gray = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     colour = torch.cat([gray[:1].repeat(1, 3, 1, 1), torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)])
-    gray_feats, probs = evaluate.extract(features.network, gray, CPU, features.batch_size)
-    colour_feats, _ = evaluate.extract(features.network, colour, CPU, features.batch_size)
+    gray_feats, probs = fid.extract(features.network, gray, CPU, features.batch_size)
+    colour_feats, _ = fid.extract(features.network, colour, CPU, features.batch_size)
     assert gray_feats.shape == colour_feats.shape == (2, 2048) and probs is None
     scale = float(colour_feats.abs().max())
     assert scale > 0
@@ -211,7 +212,7 @@ def test_the_fid_inception_sees_the_exact_uint8_pixels():
         seen.append(pixels.clone())
         return (torch.zeros(len(pixels), 2048),)
     images = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(2, 1, 1, 1)
-    evaluate.extract(evaluate.InceptionFeatures(recorder), images, CPU, batch_size=2)
+    fid.extract(fid.InceptionFeatures(recorder), images, CPU, batch_size=2)
     assert seen[0].dtype == torch.uint8 and torch.equal(seen[0], images.repeat(1, 3, 1, 1))
 
 
@@ -286,17 +287,17 @@ def test_classifier_and_statistics_caches_are_reused_and_invalidated(data_dir, t
 def test_another_recipe_or_version_retrains_and_an_unreadable_cache_is_rebuilt(tiny_train_test, tmp_path, monkeypatch):
     train, test = tiny_train_test
     notes = []
-    first, _ = evaluate.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
-    evaluate.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
+    first, _ = fid.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
+    fid.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
     assert "reusing" in notes[-1]
-    evaluate.get_classifier("mnist", train, test, str(tmp_path), 2, CPU, notes.append)
+    fid.get_classifier("mnist", train, test, str(tmp_path), 2, CPU, notes.append)
     assert "the number of training epochs changed" in notes[-2]
-    evaluate.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
-    monkeypatch.setattr(evaluate, "CLASSIFIER_VERSION", evaluate.CLASSIFIER_VERSION + 1)
-    evaluate.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
+    fid.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
+    monkeypatch.setattr(fid, "CLASSIFIER_VERSION", fid.CLASSIFIER_VERSION + 1)
+    fid.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
     assert "the classifier version changed" in notes[-2]
     (tmp_path / "mnist_classifier.pth").write_bytes(b"truncated")
-    again, _ = evaluate.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
+    again, _ = fid.get_classifier("mnist", train, test, str(tmp_path), 1, CPU, notes.append)
     assert "unreadable" in notes[-2] and again.key == first.key         # retrained with a fixed seed: the same weights
 
 
@@ -366,8 +367,8 @@ def test_inception_fid_is_the_frechet_distance_of_its_features_by_the_classifier
         data_dir, tmp_path, monkeypatch, capsys):
     """--features inception with a stand-in network: the FID printed is the Frechet distance between the Gaussians
     of the stand-in's features of the samples and of the test split, and the classifier still gives its rows."""
-    stand_in = evaluate.Features(StandIn(), "stand-in, 32-d", "stand-in", "stand-in 1", batch_size=7)
-    monkeypatch.setattr(evaluate, "load_inception", lambda device: stand_in)
+    stand_in = fid.Features(StandIn(), "stand-in, 32-d", "stand-in", "stand-in 1", batch_size=7)
+    monkeypatch.setattr(fid, "load_inception", lambda device: stand_in)
     samples = make_digits(30, 5)[0]
     args = ["--samples", write_pngs(tmp_path / "pngs", samples, mode="L"), "--dataset", "mnist", "--features",
             "inception", "--data-dir", data_dir, "--cache-dir", tmp_path, "--json"]
@@ -377,11 +378,11 @@ def test_inception_fid_is_the_frechet_distance_of_its_features_by_the_classifier
 
     train, test = (load_dataset("mnist", data_dir, train=split, download=False)[0] for split in (True, False))
 
-    def fid(images):
-        return evaluate.frechet_distance(*evaluate.gaussian_stats(evaluate.extract(StandIn(), images, CPU, 64)[0]),
-                                         *evaluate.gaussian_stats(evaluate.extract(StandIn(), test, CPU, 64)[0]))
-    assert result["generated"]["fid"] == pytest.approx(fid(torch.from_numpy(samples).unsqueeze(1)), rel=1e-9)
-    assert result["real_floor"]["fid"] == pytest.approx(fid(evaluate.real_slice(train, 30)), rel=1e-9)
+    def stand_in_fid(images):
+        return fid.frechet_distance(*fid.gaussian_stats(fid.extract(StandIn(), images, CPU, 64)[0]),
+                                    *fid.gaussian_stats(fid.extract(StandIn(), test, CPU, 64)[0]))
+    assert result["generated"]["fid"] == pytest.approx(stand_in_fid(torch.from_numpy(samples).unsqueeze(1)), rel=1e-9)
+    assert result["real_floor"]["fid"] == pytest.approx(stand_in_fid(evaluate.real_slice(train, 30)), rel=1e-9)
     assert result["generated"]["fid"] > 0 and 0 <= result["generated"]["confidence"] <= 1
 
 
@@ -418,9 +419,9 @@ def test_errors_are_one_clear_sentence(case, message, data_dir, tmp_path):
 
 def test_unlabelled_data_or_data_without_a_test_split_is_refused(tiny_train_test):
     (images, labels), test = tiny_train_test
-    with pytest.raises(evaluate.EvalError, match="no labels"):
+    with pytest.raises(fid.EvalError, match="no labels"):
         evaluate.check_splits("folder", (images, None), test)
-    with pytest.raises(evaluate.EvalError, match="no test split"):
+    with pytest.raises(fid.EvalError, match="no test split"):
         evaluate.check_splits("folder", (images, labels), (images.clone(), labels))
     evaluate.check_splits("mnist", (images, labels), test)
 
