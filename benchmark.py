@@ -12,8 +12,8 @@ then for each --precision option: the precision and memory layout chosen for tra
 printed), training images/s and the fraction of the better of the two matmul peaks it reaches (training
 FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
 (timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
-(timed in full), the fit of the 5-step walk to the model (sampling.walk_of), and what `sampling.py --steps 5` and
-`--steps 10` draw (sampling.STEPS_SAMPLER); and peak memory (RSS on the CPU, allocated on a GPU).
+(timed in full), the fit of the 5-step walk to the model (samplers.walk_of), and what `sampling.py --steps 5` and
+`--steps 10` draw (samplers.STEPS_SAMPLER); and peak memory (RSS on the CPU, allocated on a GPU).
 """
 import argparse
 import json
@@ -34,7 +34,8 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from sampling import DEFAULT_GUIDANCE, STEPS_SAMPLER, Pipeline, generate, predict_noise, sample, walk_of
+from samplers import DEFAULT_GUIDANCE, STEPS_SAMPLER, predict_noise, walk_of
+from sampling import Pipeline, generate, sample
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
 
@@ -121,7 +122,7 @@ def sampler_seconds(model, scheduler, device, precision, n, sampler, steps):
 
 def few_step_seconds(model, scheduler, device, precision, n):
     """(seconds of fitting the 5-step walk to this model, {steps: seconds for n images}) at 5 and 10 network
-    evaluations with the sampler that `--steps` alone picks (sampling.walk_of, then generate)."""
+    evaluations with the sampler that `--steps` alone picks (samplers.walk_of, then generate)."""
     pipeline = Pipeline(model, scheduler, device, precision)
     synchronize(device)
     start = time.perf_counter()

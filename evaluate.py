@@ -54,20 +54,8 @@ from fid import (
 )
 from hardware import describe_device
 from run_folder import DEFAULT_CKPT
-from sampling import (
-    DEFAULT_GUIDANCE,
-    SAMPLERS,
-    STEPS_SAMPLER,
-    Pipeline,
-    check_sampling_options,
-    check_walk,
-    choose_precision,
-    generate,
-    read_model,
-    sampler_label,
-    sampler_timesteps,
-    walk_of,
-)
+from samplers import DEFAULT_GUIDANCE, SAMPLERS, STEPS_SAMPLER, sampler_label, sampler_timesteps, walk_of
+from sampling import Pipeline, check_sampling_options, check_walk, choose_precision, generate, read_model
 
 
 # ---- the images to score -------------------------------------------------------------------------

@@ -83,7 +83,8 @@ from run_folder import (
     drop_log_rows_after,
     lock_run_folder,
 )
-from sampling import DEFAULT_GUIDANCE, FID_SAMPLER, Pipeline, generate, model_config, save_grid
+from samplers import DEFAULT_GUIDANCE, FID_SAMPLER
+from sampling import Pipeline, generate, model_config, save_grid
 from unet import UNet
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.

@@ -195,7 +195,7 @@ class UNet(nn.Module):
     def features(self, x, t, y=None):
         """The network's own description of images x at timestep t, (B, D): the output of every block of the down
         path and of the middle, each averaged over the image and divided by the square root of its channels so that
-        every level weighs alike, side by side.  The up path is not run.  sampling.fit_walk_power compares images
+        every level weighs alike, side by side.  The up path is not run.  samplers.fit_walk_power compares images
         with it, as FID compares them with an Inception network's."""
         emb = self.time_embedding(t)
         if self.label_embedding is not None:

@@ -7,10 +7,13 @@ import random
 import pytest
 import torch
 
+import samplers
 import sampling
 from conftest import run_script
 from noise_scheduler import make_scheduler
-from sampling import FIT_GRID, WALK_POWERS, Pipeline, fit_costs, fit_timesteps, generate, sample, unipc_timesteps
+from samplers import FIT_GRID, WALK_POWERS, fit_costs, fit_timesteps, unipc_timesteps
+from sampling import Pipeline, generate, sample
+from solvers import restart_timesteps, spaced_timesteps
 from test_solvers import MU, S, gaussian_eps
 from unet import UNet
 
@@ -74,7 +77,7 @@ def test_fitted_timesteps_beat_fixed_ones_on_gaussian_data_and_afs_saves_an_eval
         assert model.calls == steps
         for spacing in ("uniform", "logsnr"):
             fixed = sample(model, scheduler, len(noise), device="cpu", noise=noise, progress=False, sampler="dpm++",
-                           timesteps=scheduler.timesteps(steps, spacing))
+                           timesteps=spaced_timesteps(scheduler, steps, spacing))
             assert error(fitted) < error(fixed), (steps, spacing, error(fitted), error(fixed))
 
 
@@ -87,11 +90,11 @@ def test_generate_fits_once_and_draws_the_same_images_for_the_same_seed():
     again, _ = generate(pipeline, 8, seed=3, sampler="fitted", steps=10, progress=False)
     assert pipeline.fit is fit, "the fit is made once per model"
     assert torch.equal(first, again)
-    restart = lambda steps: scheduler.restart_timesteps(steps, **sampling.UNIPC_RESTART, lands=True)  # noqa: E731
+    restart = lambda steps: restart_timesteps(scheduler, steps, **samplers.UNIPC_RESTART, lands=True)  # noqa: E731
     for steps, walk in ((10, restart(10)), (19, restart(19)), (50, restart(50))):  # UniPC, nothing fitted
         alone, _ = generate(pipeline, 8, seed=3, steps=steps, progress=False)
         assert torch.equal(alone, generate(pipeline, 8, seed=3, sampler="unipc", steps=steps, progress=False)[0])
-        assert sampling.walk_of(pipeline, "unipc", steps)[0] == walk == sampling.sampler_timesteps(scheduler, "unipc",
+        assert samplers.walk_of(pipeline, "unipc", steps)[0] == walk == samplers.sampler_timesteps(scheduler, "unipc",
                                                                                                    steps)
     assert not torch.equal(alone, first)
 
@@ -100,7 +103,7 @@ def test_unipc_walk_of_power_one_is_even_spacing_and_a_larger_power_crowds_it_to
     for T in (50, 1000):
         scheduler = make_scheduler("linear", T)
         for steps in range(1, min(T, 60)):
-            assert unipc_timesteps(scheduler, steps) == scheduler.timesteps(steps + 1, "uniform")
+            assert unipc_timesteps(scheduler, steps) == spaced_timesteps(scheduler, steps + 1, "uniform")
         for power in (1.25, 1.5, 2.0):
             walk = unipc_timesteps(scheduler, 5, power)
             assert walk[0] == T - 1 and walk[-1] == 0 and walk == sorted(set(walk), reverse=True)
@@ -120,20 +123,20 @@ def test_the_walk_fit_keeps_the_evenest_power_whose_images_are_nearest_the_refer
     model = UNet(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=()).eval()
     torch.nn.init.normal_(model.conv_out.weight, std=0.1)                  # a network that predicts some noise
     pipeline = Pipeline(model, make_scheduler("linear", 50), torch.device("cpu"))
-    first = sampling.fit_walk_power(pipeline, 4, samples=40, progress=False)
-    assert first in WALK_POWERS and first == sampling.fit_walk_power(pipeline, 4, samples=40, progress=False)
+    first = samplers.fit_walk_power(pipeline, 4, samples=40, progress=False)
+    assert first in WALK_POWERS and first == samplers.fit_walk_power(pipeline, 4, samples=40, progress=False)
 
-    monkeypatch.setattr(sampling, "FID_SAMPLER", ("unipc", 5))
-    monkeypatch.setattr(sampling, "sampler_timesteps", lambda scheduler, sampler, steps: unipc_timesteps(
+    monkeypatch.setattr(samplers, "FID_SAMPLER", ("unipc", 5))
+    monkeypatch.setattr(samplers, "sampler_timesteps", lambda scheduler, sampler, steps: unipc_timesteps(
         scheduler, steps, reference_power))
     for reference_power, tolerance, powers, chosen in ((1.5, 0.0, (1.0, 2.0, 1.5, 1.25), 1.5),
                                                        (1.5, 1e9, (1.5, 2.0, 1.0, 1.25), 1.0),
                                                        (1.0, 0.0, (2.0, 1.5, 1.0, 1.25), 1.0),
                                                        ("karras", 0.0, (1.0, "karras", 1.5), "karras"),
                                                        ("karras", 1e9, ("karras", 1.5, 1.25), 1.25)):
-        monkeypatch.setattr(sampling, "WALK_FIT_TOLERANCE", tolerance)
-        monkeypatch.setattr(sampling, "WALK_POWERS", powers)
-        assert sampling.fit_walk_power(pipeline, 5, samples=40, progress=False) == chosen, (reference_power, tolerance)
+        monkeypatch.setattr(samplers, "WALK_FIT_TOLERANCE", tolerance)
+        monkeypatch.setattr(samplers, "WALK_POWERS", powers)
+        assert samplers.fit_walk_power(pipeline, 5, samples=40, progress=False) == chosen, (reference_power, tolerance)
 
 
 def test_sampling_steps_alone_uses_unipc_and_refuses_impossible_step_counts(good_checkpoint, tmp_path):
@@ -177,7 +180,7 @@ def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_wh
     def draw(name, folder, check=True):
         return run_script("sampling.py", "--ckpt", ckpt, "--out-dir", tmp_path / folder / name, "--num-samples", "4",
                           *runs[name], check=check)
-    monkeypatch.setattr(sampling, "WALK_FIT_SAMPLES", 40)
+    monkeypatch.setattr(samplers, "WALK_FIT_SAMPLES", 40)
     sampling.main(["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "a" / "walk"), "--num-samples", "4", *runs["walk"]])
     assert "fitting UniPC's 5-step walk" in capsys.readouterr().err
     assert load_checkpoint(str(ckpt))["fit"]["walk_power"]["5"] in WALK_POWERS
@@ -215,10 +218,10 @@ def test_a_first_evaluation_known_already_replaces_the_networks_with_the_same_im
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
     for sampler, walk in (("unipc", unipc_timesteps(scheduler, 5, 1.5)),
-                          ("restart", sampling.sampler_timesteps(scheduler, "restart", 20))):
+                          ("restart", samplers.sampler_timesteps(scheduler, "restart", 20))):
         t = torch.full((3,), walk[0])
         with torch.no_grad():
-            first_eps = sampling.predict_noise(model, noise, t)
+            first_eps = samplers.predict_noise(model, noise, t)
         images, evaluations = [], []
         for known in (None, first_eps):
             before = len(calls)

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script
-from sampling import predict_noise
+from samplers import predict_noise
 from test_scripts import load
 from training import ema_update, model_shape
 from unet import SelfAttention, UNet

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from noise_scheduler import KARRAS_SIGMA_MAX, CosineNoiseScheduler, LinearNoiseScheduler, make_scheduler
+from noise_scheduler import CosineNoiseScheduler, LinearNoiseScheduler, make_scheduler
+from solvers import KARRAS_SIGMA_MAX, ddim_step, spaced_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_ddpm_timesteps_walk_every_step_down_to_zero(sched):
 
 @pytest.mark.parametrize("steps", [1, 5, 10, 20, 50, 999, 1000])
 def test_ddim_timesteps_descending_unique_end_at_zero(sched, steps):
-    ts = sched.timesteps(steps)
+    ts = spaced_timesteps(sched, steps)
     assert ts[0] == 999 and ts == sorted(set(ts), reverse=True) and len(ts) == steps
     assert ts[-1] == (0 if steps > 1 else 999)       # a single step starts from pure noise, at t = T-1
     assert all(0 <= t < 1000 for t in ts)
@@ -122,26 +123,26 @@ def test_karras_timesteps_space_the_noise_levels_evenly_in_their_seventh_root_be
     abar = sched.alphas_cumprod.double()
     s = ((1 - abar) / abar).sqrt()
     for steps in (3, 6, 11, 21):
-        ts = sched.timesteps(steps, "karras")
+        ts = spaced_timesteps(sched, steps, "karras")
         assert ts[0] == 999 and ts[-1] == 0 and ts == sorted(set(ts), reverse=True) and len(ts) == steps
         top, bottom = min(float(s[999]), KARRAS_SIGMA_MAX) ** (1 / 7), float(s[0]) ** (1 / 7)
         expected = torch.linspace(top, bottom, steps, dtype=torch.float64)[1:]
         assert torch.allclose(s[ts[1:]] ** (1 / 7), expected, rtol=0.01), (ts, expected ** 7)
         assert s[ts[1]] < KARRAS_SIGMA_MAX, "the second level is below sigma_max"
-    assert sched.timesteps(11, "karras") != sched.timesteps(11, "logsnr") != sched.timesteps(11)
+    assert spaced_timesteps(sched, 11, "karras") != spaced_timesteps(sched, 11, "logsnr") != spaced_timesteps(sched, 11)
     with pytest.raises(ValueError, match="unknown timestep spacing"):
-        sched.timesteps(11, "edm")
+        spaced_timesteps(sched, 11, "edm")
 
 
 def test_ddim_timesteps_reject_too_many_steps(sched):
     with pytest.raises(ValueError):
-        sched.timesteps(1001)
+        spaced_timesteps(sched, 1001)
 
 
 def test_ddim_eta0_is_deterministic(sched):
     x_t, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
-    a, _ = sched.ddim_step(eps, 500, 480, x_t, eta=0.0, generator=torch.Generator().manual_seed(1))
-    b, _ = sched.ddim_step(eps, 500, 480, x_t, eta=0.0, generator=torch.Generator().manual_seed(2))
+    a, _ = ddim_step(sched, eps, 500, 480, x_t, eta=0.0, generator=torch.Generator().manual_seed(1))
+    b, _ = ddim_step(sched, eps, 500, 480, x_t, eta=0.0, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
 
 
@@ -149,7 +150,7 @@ def test_ddim_with_every_step_and_eta1_is_the_ancestral_step(sched):
     x_t, eps = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
     for clip in (False, True):
         for t in (1, 10, 500, 999):
-            ddim, x0a = sched.ddim_step(eps, t, t - 1, x_t, eta=1.0, generator=torch.Generator().manual_seed(7),
+            ddim, x0a = ddim_step(sched, eps, t, t - 1, x_t, eta=1.0, generator=torch.Generator().manual_seed(7),
                                         clip_x0=clip)
             ddpm, x0b = sched.step(eps, t, x_t, generator=torch.Generator().manual_seed(7), clip_x0=clip)
             # equal in exact arithmetic; float32 rounding is amplified by 1 / sqrt(1 - alpha-bar) near t = 0

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
+import samplers
 from conftest import run_script
 from noise_scheduler import PREDICTIONS, make_scheduler
 from sampling import sample
+from solvers import forward_jump, restart_timesteps, spaced_timesteps
 
 MU, S = 0.3, 0.25         # data x_0 ~ N(MU, S^2) in every pixel, well inside [-1, 1]
 SIGMA_DATA = 0.4          # the edm prediction's sigma_data (any positive value: the conversions are exact for each)
@@ -141,7 +143,7 @@ def test_restart_forward_jump_gives_the_forward_process_statistics():
     x0 = torch.full((200_000,), 0.7)
     t_min, t_max = 30, 300
     x_min = sched.add_noise(x0, torch.randn(x0.shape, generator=g), torch.full((len(x0),), t_min))
-    x_max = sched.forward_jump(x_min, t_min, t_max, generator=g)
+    x_max = forward_jump(sched, x_min, t_min, t_max, generator=g)
     a = float(sched.alphas_cumprod[t_max])
     assert abs(x_max.mean().item() - math.sqrt(a) * 0.7) < 0.01
     assert abs(x_max.std().item() - math.sqrt(1 - a)) < 0.01
@@ -150,16 +152,16 @@ def test_restart_forward_jump_gives_the_forward_process_statistics():
 def test_restart_walk_and_network_evaluations():
     sched = make_scheduler()
     sigma = lambda t: math.exp(-float(sched.lambdas[t]))        # noqa: E731
-    walk = sched.restart_timesteps(20, sigma_min=sigma(30), sigma_max=sigma(120), restarts=2, restart_steps=3)
+    walk = restart_timesteps(sched, 20, sigma_min=sigma(30), sigma_max=sigma(120), restarts=2, restart_steps=3)
     jumps = [i for i in range(len(walk) - 1) if walk[i + 1] > walk[i]]
     assert walk[0] == 999 and [walk[i] for i in jumps] == [30, 30] and [walk[i + 1] for i in jumps] == [120, 120]
     assert len(walk) - len(jumps) == 20                        # every other timestep costs one network evaluation
     assert walk[jumps[1] + 1:jumps[1] + 5] == [120, 90, 60, 30]
     for bad in [dict(sigma_min=sigma(120), sigma_max=sigma(30)), dict(restarts=9), dict(sigma_max=sigma(32))]:
         with pytest.raises(ValueError):
-            sched.restart_timesteps(20, **{**dict(sigma_min=sigma(30), sigma_max=sigma(120), restarts=2,
+            restart_timesteps(sched, 20, **{**dict(sigma_min=sigma(30), sigma_max=sigma(120), restarts=2,
                                                   restart_steps=3), **bad})
-    landing = sched.restart_timesteps(20, sigma_min=sigma(30), sigma_max=sigma(120), restarts=2, restart_steps=3,
+    landing = restart_timesteps(sched, 20, sigma_min=sigma(30), sigma_max=sigma(120), restarts=2, restart_steps=3,
                                       lands=True)                # UniPC's: t = 0 is reached, not evaluated
     jumps = [i for i in range(len(landing) - 1) if landing[i + 1] > landing[i]]
     assert landing[-1] == 0 and len(landing) - len(jumps) - 1 == 20 and [landing[i] for i in jumps] == [30, 30]
@@ -170,14 +172,13 @@ def test_restart_walk_and_network_evaluations():
 def test_restart_without_jumps_is_the_ode_solver(monkeypatch):
     """Restart's passes are DPM-Solver++(2M) steps: with no restarts, and t_min on the solver's grid, its samples
     are the ODE solver's, bit for bit."""
-    import sampling
     sched = make_scheduler()
     model = GaussianModel(sched)
     kw = dict(device=torch.device("cpu"), steps=10, progress=False)
     sigma = lambda t: math.exp(-float(sched.lambdas[t]))        # noqa: E731
     no_restarts = dict(sigma_min=sigma(111), sigma_max=sigma(300), restarts=0, restart_steps=3)
-    monkeypatch.setattr(sampling, "RESTART", no_restarts)
-    assert sched.restart_timesteps(10, **sampling.RESTART) == sched.timesteps(10, "uniform")
+    monkeypatch.setattr(samplers, "RESTART", no_restarts)
+    assert restart_timesteps(sched, 10, **samplers.RESTART) == spaced_timesteps(sched, 10, "uniform")
     restart = sample(model, sched, 64, sampler="restart", generator=torch.Generator().manual_seed(4), **kw)
     ode = sample(model, sched, 64, sampler="dpm++", generator=torch.Generator().manual_seed(4), **kw)
     assert torch.equal(restart, ode)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+import samplers
 from conftest import run_script
 from noise_scheduler import LinearNoiseScheduler, make_scheduler
 from sampling import sample
+from solvers import ddim_step, dpm_solver_step, forward_jump, restart_timesteps, spaced_timesteps, unic_correction
 
 MU, S = 0.3, 0.5          # data x_0 ~ N(MU, S^2) in every pixel
 
@@ -32,14 +34,14 @@ def exact_ode_solution(sched, x_start, t_start, t_end):
 
 def solve(sched, sampler, num_steps, x, spacing="uniform"):
     """Walk the sampler's timesteps from T-1 down to t = 0 (not the final jump to x_0), with the exact eps."""
-    timesteps = sched.timesteps(num_steps, spacing)
+    timesteps = spaced_timesteps(sched, num_steps, spacing)
     previous = None
     for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
         eps = gaussian_eps(sched, x, t)
         if sampler == "ddim":
-            x, x0 = sched.ddim_step(eps, t, t_prev, x, eta=0.0, clip_x0=False)
+            x, x0 = ddim_step(sched, eps, t, t_prev, x, eta=0.0, clip_x0=False)
         else:
-            x, x0 = sched.dpm_solver_step(eps, t, t_prev, x, previous, clip_x0=False)
+            x, x0 = dpm_solver_step(sched, eps, t, t_prev, x, previous, clip_x0=False)
         previous = (t, x0)
     return x
 
@@ -63,16 +65,16 @@ def test_dpm_solver_is_second_order_and_ddim_first_order_on_gaussian_data():
 def solve_unipc(sched, num_steps, x, spacing, clip=False):
     """UniPC from T-1 down to t = 0 with the exact eps: num_steps evaluations, each after the first correcting the
     step before it (UniC), the last step landing on t = 0 without one."""
-    timesteps = sched.timesteps(num_steps + 1, spacing)
+    timesteps = spaced_timesteps(sched, num_steps + 1, spacing)
     previous = corrector = None
     for t, t_prev in zip(timesteps[:-1], timesteps[1:]):
         eps = gaussian_eps(sched, x, t)
         x0 = sched.predict_x0(x, torch.full(x.shape[:1], t), eps)
         x0 = x0.clamp(-1, 1) if clip else x0
         if corrector is not None:
-            x, eps = sched.unic_correction(x0, t, *corrector)
+            x, eps = unic_correction(sched, x0, t, *corrector)
         corrector = (x, t, x0, previous)
-        x, x0 = sched.dpm_solver_step(eps, t, t_prev, x, previous, clip_x0=clip)
+        x, x0 = dpm_solver_step(sched, eps, t, t_prev, x, previous, clip_x0=clip)
         previous = (t, x0)
     return x
 
@@ -117,10 +119,9 @@ def test_unipc_starts_afresh_after_restarts_jump():
     the steps after it are those of a UniPC walk that begins at the jump's top from the jumped x, with nothing
     carried over the jump (neither UniC's correction of the step that reached t_min nor the extrapolation from the
     prediction there)."""
-    import sampling
     sched = LinearNoiseScheduler()
     model = GaussianEps(sched)
-    walk = sched.restart_timesteps(10, **sampling.UNIPC_RESTART, lands=True)
+    walk = restart_timesteps(sched, 10, **samplers.UNIPC_RESTART, lands=True)
     top = next(i for i in range(len(walk) - 1) if walk[i + 1] > walk[i]) + 1        # the jump's top, t_max
     noise = torch.randn(16, 1, 4, 4, generator=torch.Generator().manual_seed(5))
     kw = dict(device=torch.device("cpu"), sampler="unipc", progress=False)
@@ -129,7 +130,7 @@ def test_unipc_starts_afresh_after_restarts_jump():
     assert model.calls == [t for i, t in enumerate(walk[:-1]) if i != top - 1]         # 10, none at the jump
     reached = []                                      # the first pass: down to t_min, where the walk's jump starts
     sample(model, sched, 16, noise=noise, timesteps=walk[:top], callback=lambda t, x_t, x0: reached.append(x_t), **kw)
-    jumped = sched.forward_jump(reached[-1], walk[top - 1], walk[top], torch.Generator().manual_seed(7))
+    jumped = forward_jump(sched, reached[-1], walk[top - 1], walk[top], torch.Generator().manual_seed(7))
     assert torch.equal(x, sample(model, sched, 16, noise=jumped, timesteps=walk[top:], **kw))
 
 
@@ -151,23 +152,23 @@ def test_first_step_equals_ddim_and_the_sde_first_step_equals_ddim_with_eta_1():
     g = torch.Generator().manual_seed(1)
     x, eps = torch.randn(8, 1, 6, 6, generator=g), torch.randn(8, 1, 6, 6, generator=g)
     for t, t_prev in [(999, 947), (500, 480), (40, 0)]:
-        dpm, x0_dpm = sched.dpm_solver_step(eps, t, t_prev, x, previous=None)
-        ddim, x0_ddim = sched.ddim_step(eps, t, t_prev, x, eta=0.0)
+        dpm, x0_dpm = dpm_solver_step(sched, eps, t, t_prev, x, previous=None)
+        ddim, x0_ddim = ddim_step(sched, eps, t, t_prev, x, eta=0.0)
         assert torch.allclose(dpm, ddim, atol=1e-5) and torch.equal(x0_dpm, x0_ddim)
-        sde, _ = sched.dpm_solver_step(eps, t, t_prev, x, None, stochastic=True,
+        sde, _ = dpm_solver_step(sched, eps, t, t_prev, x, None, stochastic=True,
                                        generator=torch.Generator().manual_seed(7))
-        ddim1, _ = sched.ddim_step(eps, t, t_prev, x, eta=1.0, generator=torch.Generator().manual_seed(7))
+        ddim1, _ = ddim_step(sched, eps, t, t_prev, x, eta=1.0, generator=torch.Generator().manual_seed(7))
         assert torch.allclose(sde, ddim1, atol=1e-5)
     # the second-order step differs from DDIM once there is a previous prediction to extrapolate from
-    second, _ = sched.dpm_solver_step(eps, 500, 480, x, previous=(520, torch.zeros_like(x)))
-    assert not torch.allclose(second, sched.ddim_step(eps, 500, 480, x)[0], atol=1e-3)
+    second, _ = dpm_solver_step(sched, eps, 500, 480, x, previous=(520, torch.zeros_like(x)))
+    assert not torch.allclose(second, ddim_step(sched, eps, 500, 480, x)[0], atol=1e-3)
 
 
 def test_the_final_step_returns_the_clipped_prediction_of_x0():
     sched = LinearNoiseScheduler()
     x, eps = 3 * torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5)
     for stochastic in (False, True):
-        out, x0 = sched.dpm_solver_step(eps, 0, -1, x, previous=(3, torch.randn_like(x)), stochastic=stochastic)
+        out, x0 = dpm_solver_step(sched, eps, 0, -1, x, previous=(3, torch.randn_like(x)), stochastic=stochastic)
         assert torch.equal(out, x0) and x0.abs().max() <= 1.0
 
 
@@ -176,23 +177,23 @@ def test_the_final_step_returns_the_clipped_prediction_of_x0():
 @pytest.mark.parametrize("num_steps", [1, 2, 5, 20, 50, 999, 1000])
 def test_timesteps_are_descending_unique_and_end_at_zero(schedule, spacing, num_steps):
     sched = make_scheduler(schedule, 1000)
-    ts = sched.timesteps(num_steps, spacing)
+    ts = spaced_timesteps(sched, num_steps, spacing)
     assert ts == sorted(set(ts), reverse=True) and ts[0] == 999 and len(ts) == num_steps
     assert ts[-1] == (0 if num_steps > 1 else 999)
 
 
 def test_logsnr_spacing_is_even_in_lambda():
     sched = LinearNoiseScheduler()
-    lambdas = sched.lambdas[sched.timesteps(10, "logsnr")]
+    lambdas = sched.lambdas[spaced_timesteps(sched, 10, "logsnr")]
     gaps = lambdas[1:] - lambdas[:-1]
     assert (gaps > 0).all() and gaps.max() / gaps.min() < 1.3           # rounding to integer t, nothing more
 
 
 def test_impossible_step_counts_are_refused():
     with pytest.raises(ValueError, match="between 1 and 1000"):
-        LinearNoiseScheduler().timesteps(1001, "logsnr")
+        spaced_timesteps(LinearNoiseScheduler(), 1001, "logsnr")
     with pytest.raises(ValueError, match="spacing"):
-        LinearNoiseScheduler().timesteps(10, "quadratic")
+        spaced_timesteps(LinearNoiseScheduler(), 10, "quadratic")
 
 
 def test_guided_dpm_solver_with_scale_1_is_the_conditional_model():
@@ -246,11 +247,10 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
     """The first sweep runs evaluate.py's main in this process, so that UniPC's 2-step walk is fitted on 40 images
     a set instead of 1,000 (60 s of this test on two cores); the others run the script as a user would."""
     import evaluate
-    import sampling
     common = ["evaluate.py", "--ckpt", good_checkpoint, "--data-dir", data_dir, "--cache-dir", tmp_path,
               "--num-samples", "10", "--batch-size", "10", "--classifier-epochs", "1", "--sweep",
               "--sweep-steps", "2,10", "--sweep-out", tmp_path / "sweep.json"]
-    monkeypatch.setattr(sampling, "WALK_FIT_SAMPLES", 40)
+    monkeypatch.setattr(samplers, "WALK_FIT_SAMPLES", 40)
     evaluate.main([str(arg) for arg in common[1:]])
     printed = capsys.readouterr().out
     points = json.loads((tmp_path / "sweep.json").read_text())["points"]
@@ -273,6 +273,6 @@ def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_point
 
 
 def test_dpm_solver_spaces_few_steps_evenly_in_t_and_many_in_log_snr():
-    from sampling import spacing
+    from samplers import spacing
     assert [spacing("dpm++", n) for n in (5, 20, 25, 26, 50)] == ["uniform"] * 3 + ["logsnr"] * 2
     assert spacing("dpm++sde", 50) == "logsnr" and spacing("ddim", 50) == "uniform"

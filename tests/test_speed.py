@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import hardware
+import samplers
 from conftest import run_script
 from hardware import choose_speed, fastest, time_candidates
 from unet import UNet
@@ -194,8 +195,7 @@ def test_a_new_training_run_prints_the_probe_verdict(train_tiny, tmp_path):
 
 def test_benchmark_reports_both_precisions_and_the_fraction_of_the_best_peak(monkeypatch):
     import benchmark
-    import sampling
-    monkeypatch.setattr(sampling, "WALK_FIT_SAMPLES", 20)                  # (the fit it times: 20 images a set)
+    monkeypatch.setattr(samplers, "WALK_FIT_SAMPLES", 20)                  # (the fit it times: 20 images a set)
     result = benchmark.main(["--precision", "both", "--channels", "8", "--channel-mults", "1,2", "--train-steps", "1",
                              "--ddpm-steps", "2", "--num-samples", "4", "--batch-size", "8", "--json"])
     assert set(result["runs"]) == {"bf16", "fp32"}

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import run_script
-from sampling import FID_SAMPLER
+from samplers import FID_SAMPLER
 from test_scripts import assert_same_tensors, load
 from training import DEFAULTS, learning_rate
 
