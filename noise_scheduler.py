@@ -48,9 +48,9 @@ PREDICTIONS = ("eps", "v", "x0", "edm")
 # Training timesteps (timestep_probs): "uniform" as the paper, or SpeeD's asymmetric sampling, whose convergence area
 # (the slope of sqrt(1 - alpha-bar_t) against t / T below SPEED_SLOPE: 1e-4 a step at T = 1000, as Wang et al. set it)
 # is drawn SPEED_RATIO times less often (their 2.5 against 0.5).
-# "lognormal": EDM's log-normal distribution of noise levels, ln sigma ~ N(P_MEAN, P_STD^2) (Karras et al., 2022, table 1),
-# with sigma = sigma_t / alpha_t, over the T timesteps.  "stratified": uniform, as the paper's, but each batch's
-# timesteps spread evenly over 0..T-1 (Kingma et al., 2021's low-discrepancy sampler; sample_timesteps).
+# "lognormal": EDM's log-normal distribution of noise levels, ln sigma ~ N(P_MEAN, P_STD^2) (Karras et al., 2022,
+# table 1), with sigma = sigma_t / alpha_t, over the T timesteps.  "stratified": uniform, as the paper's, but each
+# batch's timesteps spread evenly over 0..T-1 (Kingma et al., 2021's low-discrepancy sampler; sample_timesteps).
 TIMESTEP_SAMPLINGS = ("uniform", "stratified", "speed", "lognormal")
 SPEED_SLOPE, SPEED_RATIO = 0.1, 5.0
 P_MEAN, P_STD = -1.2, 1.2
@@ -88,7 +88,7 @@ class NoiseScheduler:
             sqrt_recip_alphas_cumprod=(1.0 / alphas_cumprod).sqrt(),
             sqrt_recipm1_alphas_cumprod=(1.0 / alphas_cumprod - 1.0).sqrt(),
             snr=alphas_cumprod / (1.0 - alphas_cumprod),                  # signal-to-noise ratio of x_t
-            lambdas=0.5 * torch.log(alphas_cumprod / (1.0 - alphas_cumprod)),   # log(alpha_t / sigma_t), DPM-Solver's time
+            lambdas=0.5 * torch.log(alphas_cumprod / (1.0 - alphas_cumprod)),     # log(alpha_t / sigma_t)
             posterior_variance=betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod),
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
@@ -163,7 +163,8 @@ class NoiseScheduler:
     def target(self, x0, noise, t):
         """What the network learns to predict from x_t = add_noise(x0, noise, t): the noise eps (algorithm 1,
         line 5), v = alpha_t eps - sigma_t x_0 (Salimans & Ho, 2022, section 4), x_0, or for "edm" the F for which
-        c_skip x_t + c_out F = x_0 (Karras et al., 2022, eq. 8: its plain MSE is their weighted loss, lambda = 1 / c_out^2)."""
+        c_skip x_t + c_out F = x_0 (Karras et al., 2022, eq. 8: its plain MSE is their weighted loss,
+        lambda = 1 / c_out^2)."""
         if self.prediction == "eps":
             return noise
         if self.prediction == "x0":
@@ -248,7 +249,8 @@ class LinearNoiseScheduler(NoiseScheduler):
     """beta_t linear from beta_start to beta_end over T steps (Ho et al., 2020, section 4)."""
 
     def __init__(self, num_timesteps=1000, beta_start=1e-4, beta_end=0.02, prediction="eps", sigma_data=None):
-        super().__init__(torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64), prediction, sigma_data)
+        betas = torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+        super().__init__(betas, prediction, sigma_data)
 
 
 class CosineNoiseScheduler(NoiseScheduler):

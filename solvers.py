@@ -8,8 +8,7 @@ Notation (paper -> code), beside noise_scheduler.py's:
     t_prev = -1          the clean data x_0 (alpha 1, sigma 0, lambda infinite)
 Every step takes the network's noise eps at (x_t, t), float32, and returns (x_{t_prev}, the predicted x_0).
 
-    python -c "from noise_scheduler import LinearNoiseScheduler as S; from solvers import spaced_timesteps; \
-print(spaced_timesteps(S(), 10, 'logsnr'))"
+    python -c "import solvers, noise_scheduler as n; print(solvers.spaced_timesteps(n.make_scheduler(), 10, 'logsnr'))"
 """
 import math
 
@@ -77,7 +76,7 @@ def restart_timesteps(scheduler, num_steps, sigma_min, sigma_max, restarts, rest
     time) is nearest sigma_min and sigma_max.  The main pass has num_steps - restarts * restart_steps
     timesteps, evenly spaced in t, with t_min in place of the nearest one.  A timestep followed by a larger
     one marks a forward jump (forward_jump), which evaluates nothing.  lands: the walk is a landing one, as
-    UniPC's (sampling.unipc_timesteps): its last timestep, t = 0, is reached and not evaluated, so the main
+    UniPC's (samplers.unipc_timesteps): its last timestep, t = 0, is reached and not evaluated, so the main
     pass gets one timestep more, and t_min never takes its place."""
     main_steps = num_steps - restarts * restart_steps
     noise_levels = torch.exp(-scheduler.lambdas.cpu().double())
