@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from cli import add_device_options, int_list, non_negative_int, positive_int
+from cli import add_device_options, int_list, non_negative_int, positive_int, show_log
 from hardware import (
     LAYOUT_NAMES,
     autocast,
@@ -201,6 +201,7 @@ def measure(model, scheduler, device, precision_option, args):
 
 
 def main(argv=None):
+    show_log()
     p = build_parser()
     args = p.parse_args(argv)
     try:

@@ -36,14 +36,12 @@ import math
 import os
 import pickle
 import re
-import sys
 import threading
 import warnings
 
 import torch
 
-from cli import atomic_write, first_line
-from run_folder import LOCK_NAME
+from cli import atomic_write, first_line, logger
 
 CHECKPOINT_FORMAT = "ddpm-checkpoint-v2"
 # Written before checkpoints carried their SHA-256: they load, with a note that they cannot be verified.
@@ -53,6 +51,8 @@ HASH_TAG = b"ddpm-sha256:"
 TRAILER = re.compile(rb"ddpm-sha256:([0-9a-f]{64})\Z")
 TRAILER_LENGTH = len(HASH_TAG) + 64
 END_OF_ZIP = b"PK\x05\x06"        # the signature of the zip's last record (22 bytes, ending in the comment's length)
+
+log = logger(__name__)
 
 
 class CheckpointError(Exception):
@@ -103,8 +103,8 @@ def load_checkpoint(path, map_location="cpu"):
     state, verified = _read(path, map_location, hint=True)
     if not verified and path not in _noted and int(os.environ.get("RANK", 0)) == 0:
         _noted.add(path)
-        print(f"note: {path} was written before checkpoints carried a SHA-256 of their content, so it cannot be "
-              f"verified", file=sys.stderr)
+        log.warning(f"note: {path} was written before checkpoints carried a SHA-256 of their content, so it cannot "
+                    f"be verified")
     return state
 
 
@@ -296,8 +296,8 @@ def read_safetensors(path, with_metadata=False):
         raise CheckpointError(f"{path} was written by export.py but its configuration is missing or damaged") from None
     if digest is None and path not in _noted and int(os.environ.get("RANK", 0)) == 0:
         _noted.add(path)
-        print(f"note: {path} was written before exports carried a SHA-256 of their content, so it cannot be "
-              f"verified", file=sys.stderr)
+        log.warning(f"note: {path} was written before exports carried a SHA-256 of their content, so it cannot be "
+                    f"verified")
     return (weights, config, metadata) if with_metadata else (weights, config)
 
 
@@ -348,23 +348,22 @@ def checked_fit(stored, weights_sha, path):
         raise CheckpointError(f"the fitted timesteps stored in {path} are damaged; export the checkpoint again or "
                               f"sample from the checkpoint itself") from None
     if fit["weights"] != weights_sha:
-        print(f"note: the timesteps fitted in {path} belong to other weights; they are fitted again when needed",
-              file=sys.stderr)
+        log.warning(f"note: the timesteps fitted in {path} belong to other weights; they are fitted again when needed")
         return None
     return fit
 
 
-def store_fit(path, fit, weights_sha):
+def store_fit(path, fit, weights_sha, lock=None):
     """Keep a new fit with the weights of the file at `path` whose digest is weights_sha: in its checkpoint (without
     making it a new save: the previous one stays the previous) or in its safetensors file, rewritten atomically with
     the same weights.  Not while a training run holds the checkpoint's folder (it will write new weights, whose fit
-    is another), nor if the file no longer holds the weights the fit was made on; a fit that cannot be stored is used
-    all the same, and made again next time."""
+    is another: `lock`, the lock file of the run folder that holds `path`, is then held), nor if the file no longer
+    holds the weights the fit was made on; a fit that cannot be stored is used all the same, and made again next
+    time."""
     if path is None or weights_sha is None:          # a pipeline built in memory (training's previews)
         return
-    lock = os.path.join(os.path.dirname(os.path.abspath(path)), LOCK_NAME)
     try:
-        with open(lock, "a") if os.path.exists(lock) else contextlib.nullcontext() as held:
+        with open(lock, "a") if lock is not None and os.path.exists(lock) else contextlib.nullcontext() as held:
             if held is not None:
                 fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)     # released when the file closes
             if is_safetensors(path):
@@ -378,7 +377,7 @@ def store_fit(path, fit, weights_sha):
                     return
                 save_checkpoint({**state, "fit": fit}, path, keep_previous=False)
     except BlockingIOError:
-        print(f"note: a training run holds {os.path.dirname(path) or '.'}, so the fitted timesteps are not stored in "
-              f"{path}", file=sys.stderr)
+        log.warning(f"note: a training run holds {os.path.dirname(path) or '.'}, so the fitted timesteps are not "
+                    f"stored in {path}")
     except (OSError, CheckpointError) as e:
-        print(f"note: the fitted timesteps could not be stored in {path} ({first_line(e)})", file=sys.stderr)
+        log.warning(f"note: the fitted timesteps could not be stored in {path} ({first_line(e)})")

@@ -1,9 +1,10 @@
 """What the scripts share on the command line and on disk: argument types, the --device and --precision
-options, the one-sentence error, and the atomic file write.
+options, the one-sentence error, the modules' log, and the atomic file write.
 
     python -c "import cli; print(cli.positive_int('3'))"
 """
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -77,6 +78,45 @@ def first_line(exc):
     """An exception's message as it goes into an error sentence: its first line, or its type's name if it has none."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---- what the modules have to say -------------------------------------------------------------------------
+# Every module logs through its own logger under "ddpm" (logger(__name__): "ddpm.sampling", "ddpm.checkpoint", ...).
+# Used from Python, the modules are quiet, as a library is: "ddpm" has a NullHandler, so nothing reaches stderr
+# unless the program configures logging (logging.basicConfig() shows the warnings; show_log() everything, as the
+# scripts do).
+LOG_NAME = "ddpm"
+logging.getLogger(LOG_NAME).addHandler(logging.NullHandler())
+
+
+def logger(module_name):
+    """The logger of a module: logger(__name__)."""
+    return logging.getLogger(f"{LOG_NAME}.{module_name}")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Plain lines on whatever sys.stderr is when a record comes (pytest and notebooks replace it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def show_log(level=logging.INFO):
+    """Show what the modules log, from `level` up, on stderr as plain lines: what the scripts print besides their
+    own output ("sampling on cpu in fp32 ...", notes about the files they read).  Called by each script's main()."""
+    root = logging.getLogger(LOG_NAME)
+    if not any(isinstance(handler, _StderrHandler) for handler in root.handlers):
+        root.addHandler(_StderrHandler())
+    root.setLevel(level)
 
 
 # ---- files -------------------------------------------------------------------------------------------------

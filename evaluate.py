@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from checkpoint import CheckpointError
-from cli import add_device_options, atomic_write, int_list, positive_int
+from cli import add_device_options, atomic_write, int_list, positive_int, show_log
 from dataset import DATASETS, DataError, load_dataset
 from fid import (
     SEED,
@@ -415,6 +415,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    show_log()
     args, parser = parse_args(argv)
     log = functools.partial(print, file=sys.stderr if args.json else sys.stdout, flush=True)
     try:

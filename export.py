@@ -21,7 +21,7 @@ import json
 import os
 
 from checkpoint import CheckpointError, checked_fit, load_checkpoint, weights_digest, write_safetensors
-from cli import fail, first_line
+from cli import fail, first_line, show_log
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
 
 DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
@@ -50,6 +50,7 @@ def build_parser():
 
 
 def main(argv=None):
+    show_log()
     args = build_parser().parse_args(argv)
     if os.path.exists(args.out) and os.path.exists(args.ckpt) and os.path.samefile(args.out, args.ckpt):
         fail(f"--out {args.out} is the checkpoint itself; choose another file")

@@ -33,6 +33,11 @@ LOSS_LOG_HEADER = ["epoch", "step", "loss", "images_per_s", "seconds", "fid"]
 STEP_LOG_HEADER = ["step", "epoch", "loss", "lr"]
 
 
+def folder_lock(path):
+    """The lock file of the run folder that holds the file at `path`."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), LOCK_NAME)
+
+
 def check_writable(folder):
     """Fail before training, not after the first epoch, if the output folder cannot be written."""
     try:

@@ -9,7 +9,6 @@ per model), and walk() runs the reverse process along them with the sampler's up
 sampling.py's sample() and generate() call them; nothing here imports sampling.py.
 """
 import contextlib
-import logging
 import math
 
 import torch
@@ -19,9 +18,8 @@ from checkpoint import store_fit
 from dataset import to_model_range, to_uint8
 from fid import frechet_distance, gaussian_stats
 from hardware import autocast
+from run_folder import folder_lock
 from solvers import ddim_step, dpm_solver_step, forward_jump, restart_timesteps, spaced_timesteps, unic_correction
-
-log = logging.getLogger(__name__)
 
 # Classifier-free guidance of a conditional model: 1, the conditional model itself (one network pass per evaluation).
 # w = 1.5 halved the FID of a 936-step Fashion-MNIST model (4.1 / 4.8 against 9.3 / 10.7) but raised that of an
@@ -73,7 +71,7 @@ def walk_of(pipeline, sampler, steps, progress=False):
         return sampler_timesteps(pipeline.scheduler, sampler, steps), False
     if pipeline.fit is None or "grid" not in pipeline.fit:
         pipeline.fit = {**(pipeline.fit or {}), **fit_costs(pipeline, progress=progress), "weights": pipeline.weights}
-        store_fit(pipeline.source, pipeline.fit, pipeline.weights)
+        keep_fit(pipeline)
     afs = steps <= FITTED_AFS_UP_TO
     return fit_timesteps(pipeline.fit, steps, afs), afs
 
@@ -360,6 +358,13 @@ def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=T
     return min(near, key=lambda power: math.inf if power == "karras" else power)      # the evenest: EDM's last
 
 
+def keep_fit(pipeline):
+    """Store the pipeline's fit with its weights, in the file they were read from (checkpoint.store_fit), unless a
+    training run holds that file's folder."""
+    if pipeline.source is not None:
+        store_fit(pipeline.source, pipeline.fit, pipeline.weights, lock=folder_lock(pipeline.source))
+
+
 def walk_power(pipeline, steps, progress=False):
     """The power of UniPC's `steps`-evaluation walk on this pipeline's model: the one stored in its fit, or else
     fitted now (fit_walk_power) and stored with the model (store_fit); from WALK_FIT_BELOW evaluations on, what
@@ -371,5 +376,5 @@ def walk_power(pipeline, steps, progress=False):
         power = fit_walk_power(pipeline, steps, progress=progress)
         powers = {**powers, str(steps): power}
         pipeline.fit = {**(pipeline.fit or {}), "walk_power": powers, "weights": pipeline.weights}
-        store_fit(pipeline.source, pipeline.fit, pipeline.weights)
+        keep_fit(pipeline)
     return powers[str(steps)]

@@ -19,14 +19,13 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 import time
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, checked_fit, read_weights, weights_digest
-from cli import add_device_options, fail, first_line, int_list, positive_int
+from cli import add_device_options, fail, first_line, int_list, logger, positive_int, show_log
 from dataset import to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
 from noise_scheduler import NoiseScheduler, make_scheduler
@@ -43,7 +42,9 @@ from samplers import (
     walk_of,
 )
 from unet import UNet
+from visualize import grid_frame, save_gif, save_grid
 
+log = logger(__name__)
 MODEL_KEYS = ("in_channels", "image_size", "base_channels", "channel_mults", "num_res_blocks",
               "attention_resolutions", "dropout", "num_heads", "num_classes")
 
@@ -133,8 +134,7 @@ def choose_precision(pipeline, precision="auto", batch_size=100):
                                            batch_size=batch_size)
     pipeline.model.to(memory_format=layout)
     pipeline.precision = precision
-    print(f"sampling on {pipeline.device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})", file=sys.stderr,
-          flush=True)
+    log.info(f"sampling on {pipeline.device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})")
     return pipeline
 
 
@@ -188,34 +188,7 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, ste
     return torch.cat(images), (torch.cat(requested) if num_classes else None)
 
 
-# ---- pictures -----------------------------------------------------------------------------------------------
-def grid_frame(x, nrow=10, padding=2):
-    """A PIL image of a batch of images (B, C, H, W), floats in [-1, 1] or uint8: `nrow` images per row,
-    `padding` white pixels around each; grayscale for one channel, RGB for three."""
-    from PIL import Image
-    images = (x if x.dtype == torch.uint8 else to_uint8(x)).cpu()
-    b, c, h, w = images.shape
-    columns = min(nrow, b)
-    rows = math.ceil(b / columns)
-    grid = torch.full((c, padding + rows * (h + padding), padding + columns * (w + padding)), 255, dtype=torch.uint8)
-    for i in range(b):
-        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
-        grid[:, top:top + h, left:left + w] = images[i]
-    pixels = grid.permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
-
-
-def save_grid(x, path, nrow=10, padding=2):
-    """Save images (floats in [-1, 1], or uint8) as one grid PNG, `nrow` images per row."""
-    grid_frame(x, nrow, padding).save(path)
-
-
-def save_gif(frames, path, seconds=4.0):
-    """An animated GIF that plays the frames in `seconds` and holds the last one."""
-    duration = max(20, int(1000 * seconds / max(1, len(frames))))
-    frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 10, duration=duration, loop=0)
-
-
+# ---- what --save-every and --gif record ---------------------------------------------------------------------
 class Recorder:
     """generate()'s callback for --save-every and --gif: the predicted x_0 of every batch at the first step at or
     past each multiple of K ({t: [uint8 batches]}), and the frames of the first batch's reverse process."""
@@ -304,6 +277,7 @@ def check_walk(scheduler, sampler, steps, parser):
 
 
 def main(argv=None):
+    show_log()
     args, parser = parse_args(argv)
     try:
         pipeline = read_model(args.ckpt, args.device)

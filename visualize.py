@@ -10,23 +10,53 @@
                                                  # default/fid.png: the FID of --fid-every against minutes of
                                                  # training, one line per run
 
-(The reverse process as an animation: python sampling.py --gif.)
+(The reverse process as an animation: python sampling.py --gif.)  From Python, grids of images and animations:
+save_grid(images, "grid.png"), grid_frame and save_gif, which sampling.py and training.py use.
 """
 import argparse
 import csv
+import math
 import os
 
 import torch
 
-from cli import fail, positive_int
-from dataset import DATASETS, DataError, load_dataset, to_model_range
+from cli import fail, positive_int, show_log
+from dataset import DATASETS, DataError, load_dataset, to_model_range, to_uint8
 from noise_scheduler import SCHEDULES, make_scheduler
 from run_folder import DEFAULT_OUT_DIR, LOSS_LOG_NAME, STEP_LOG_NAME
-from sampling import save_grid
 
 FORWARD_TIMESTEPS = (0, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 999)
 
 
+# ---- grids of images, and animations -------------------------------------------------------------------
+def grid_frame(x, nrow=10, padding=2):
+    """A PIL image of a batch of images (B, C, H, W), floats in [-1, 1] or uint8: `nrow` images per row,
+    `padding` white pixels around each; grayscale for one channel, RGB for three."""
+    from PIL import Image
+    images = (x if x.dtype == torch.uint8 else to_uint8(x)).cpu()
+    b, c, h, w = images.shape
+    columns = min(nrow, b)
+    rows = math.ceil(b / columns)
+    grid = torch.full((c, padding + rows * (h + padding), padding + columns * (w + padding)), 255, dtype=torch.uint8)
+    for i in range(b):
+        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
+        grid[:, top:top + h, left:left + w] = images[i]
+    pixels = grid.permute(1, 2, 0).numpy()
+    return Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
+
+
+def save_grid(x, path, nrow=10, padding=2):
+    """Save images (floats in [-1, 1], or uint8) as one grid PNG, `nrow` images per row."""
+    grid_frame(x, nrow, padding).save(path)
+
+
+def save_gif(frames, path, seconds=4.0):
+    """An animated GIF that plays the frames in `seconds` and holds the last one."""
+    duration = max(20, int(1000 * seconds / max(1, len(frames))))
+    frames[0].save(path, save_all=True, append_images=frames[1:] + [frames[-1]] * 10, duration=duration, loop=0)
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
 def plot_schedule(path, num_timesteps=1000):
     """betas, alpha-bar, sqrt(alpha-bar), sqrt(1 - alpha-bar) and the SNR against t, for each schedule."""
     import matplotlib
@@ -208,6 +238,7 @@ def build_parser():
 
 
 def main(argv=None):
+    show_log()
     p = build_parser()
     args = p.parse_args(argv)
     out = args.out or os.path.join(DEFAULT_OUT_DIR, f"{args.what}.png")

@@ -378,7 +378,7 @@ def test_each_save_keeps_the_one_before_and_a_save_that_fails_halfway_leaves_bot
 
 
 def test_files_of_before_the_sha256_still_load_and_say_once_that_they_cannot_be_verified(good_checkpoint, tmp_path,
-                                                                                        capsys):
+                                                                                        caplog):
     """A checkpoint and an export as the code before the SHA-256 wrote them (format v1, torch.save and
     safetensors' save as they come); a file of the new format without its SHA-256 is refused as damaged."""
     from safetensors.torch import save_file
@@ -392,14 +392,14 @@ def test_files_of_before_the_sha256_still_load_and_say_once_that_they_cannot_be_
     torch.save(state, old_ckpt)
     save_file({k: v.contiguous() for k, v in state["ema"].items()}, str(old_export),
               metadata={"format": "ddpm-ema-v1", "config": json.dumps(state["config"]), "prediction": "eps"})
-    capsys.readouterr()
+    caplog.set_level("INFO", logger="ddpm")
     for _ in range(2):
         assert_same_tensors(load_checkpoint(str(old_ckpt))["ema"], state["ema"])
         weights, config = read_safetensors(str(old_export))
         assert_same_tensors(weights, state["ema"])
         assert config == state["config"]
-    err = capsys.readouterr().err.splitlines()
-    assert err == [f"note: {old_ckpt} was written before checkpoints carried a SHA-256 of their content, so it "
+    notes = [record.getMessage() for record in caplog.records]
+    assert notes == [f"note: {old_ckpt} was written before checkpoints carried a SHA-256 of their content, so it "
                    f"cannot be verified", f"note: {old_export} was written before exports carried a SHA-256 of their "
                    f"content, so it cannot be verified"]
 
