@@ -77,6 +77,7 @@ def test_a_folder_too_large_for_memory_is_streamed_and_decodes_the_same_images(t
     assert [b.shape[0] for b in batches] == [2, 1] and torch.equal(batches[1], in_memory[[20]])
 
 
+@pytest.mark.slow
 def test_streamed_folder_stops_resumes_and_trains_bit_for_bit_like_the_folder_in_memory(tmp_path):
     """--stream: DataLoader workers decode each batch.  Ctrl-C (to the whole process group, workers included)
     saves mid-epoch; the resumed run equals a run on the folder held in memory; a file that turns unreadable
@@ -134,6 +135,7 @@ def test_cifar10_not_found_says_where_to_put_it(tmp_path):
     assert "cifar-10-batches-py" in result.stderr and str(tmp_path) in result.stderr
 
 
+@pytest.mark.slow
 def test_rgb_folder_model_trains_resumes_and_samples_without_flags(tmp_path):
     root = write_image_folder(tmp_path / "imgs")
     out = tmp_path / "run"
@@ -156,6 +158,7 @@ def test_rgb_folder_model_trains_resumes_and_samples_without_flags(tmp_path):
     assert gif.size == grid.size and gif.n_frames > 10
 
 
+@pytest.mark.slow
 def test_label_on_unconditional_model_is_an_error(train_tiny, tmp_path):
     train_tiny(tmp_path / "run", "--epochs", "1", "--unconditional")
     result = run_script("sampling.py", "--ckpt", tmp_path / "run" / "ddpm_ckpt.pth", "--label", "3",
@@ -163,6 +166,7 @@ def test_label_on_unconditional_model_is_an_error(train_tiny, tmp_path):
     assert result.returncode == 2 and "unconditional" in result.stderr
 
 
+@pytest.mark.slow
 def test_visualize_writes_each_picture(data_dir, train_tiny, tmp_path):
     run_script("visualize.py", "schedule", "--out", tmp_path / "schedule.png")
     assert Image.open(tmp_path / "schedule.png").size == (1600, 304)

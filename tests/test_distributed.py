@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import pytest
 import torch
 
 from checkpoint import load_checkpoint
@@ -20,6 +21,7 @@ def torchrun(*args, check=True):
     return run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args, check=check)
 
 
+@pytest.mark.slow
 def test_torchrun_trains_resumes_and_the_checkpoint_samples(data_dir, tmp_path):
     out = tmp_path / "ddp"
     common = ["training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "32",
@@ -148,6 +150,7 @@ os.fsync = fsync
 """
 
 
+@pytest.mark.slow
 def test_torchrun_restarts_a_run_killed_three_times_and_it_ends_as_planned(data_dir, tmp_path):
     """torchrun --max-restarts 3 and one process SIGKILLed three times: right after a timed save, in the middle
     of training, and in the middle of a save.  Each restart resumes the checkpoint of its own launch; the run ends
@@ -195,6 +198,7 @@ def test_torchrun_restarts_a_run_killed_three_times_and_it_ends_as_planned(data_
     assert load_checkpoint(str(out / "ddpm_ckpt.prev.pth"))["step"] < a["step"]
 
 
+@pytest.mark.slow
 def test_a_torchrun_restart_trains_the_rest_of_the_max_minutes_not_all_of_them_again(data_dir, tmp_path):
     """--max-minutes over a restart: the checkpoint carries the seconds its launch trained, and the restarted
     attempt trains what is left of them (a manual --resume --max-minutes M would train M more)."""
@@ -215,6 +219,7 @@ def test_a_torchrun_restart_trains_the_rest_of_the_max_minutes_not_all_of_them_a
     assert state["step"] == state["epoch"] * 32 + state["batch_in_epoch"]
 
 
+@pytest.mark.slow
 def test_a_stopped_process_makes_the_run_fail_within_the_dist_timeout(data_dir, tmp_path):
     """A SIGSTOPped process does not die, so torchrun sees nothing; the other one gives up after --dist-timeout
     (15 s here), with one sentence and exit 1, and torchrun, with no restart left, ends the run non-zero."""
@@ -234,6 +239,7 @@ def test_a_stopped_process_makes_the_run_fail_within_the_dist_timeout(data_dir, 
         "it exits 1, so that torchrun --max-restarts can restart the run from its last checkpoint\n")
 
 
+@pytest.mark.slow
 def test_the_others_wait_for_rank_0_alone_as_long_as_it_lives(tmp_path):
     """hardware.on_rank_0: rank 0's work (an FID measurement, a sample grid, a checkpoint write) may take longer
     than the timeout, and the others wait; when rank 0 stops in the middle of it, they give up after the timeout."""

@@ -251,6 +251,7 @@ def fid_row(stdout):
     return row.split(")")[-1].split()
 
 
+@pytest.mark.slow
 def test_classifier_and_statistics_caches_are_reused_and_invalidated(data_dir, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(data_dir, data)
@@ -329,6 +330,7 @@ def test_samples_folder_scores_the_test_set_itself_zero_and_noise_far_above_the_
     assert first_ten["num_images"] == 10 and first_ten["real_floor"]["num_images"] == 10
 
 
+@pytest.mark.slow
 def test_checkpoint_end_to_end_equals_scoring_its_samples_as_pngs(train_tiny, data_dir, tmp_path, cache_dir, capsys):
     train_tiny(tmp_path / "run", "--epochs", "1", "--conditional")
     ckpt = tmp_path / "run" / "ddpm_ckpt.pth"

@@ -22,6 +22,7 @@ def exported(good_checkpoint, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_the_file_holds_the_ema_weights_and_the_configuration(good_checkpoint, exported):
     ckpt = load_checkpoint(good_checkpoint)
     with safe_open(str(exported), framework="pt") as f:
@@ -47,6 +48,7 @@ def test_the_python_api_samples_the_same_images_from_both(good_checkpoint, expor
     assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["sampling.py", "evaluate.py"])
 def test_the_scripts_draw_bit_equal_samples_from_both(script, good_checkpoint, exported, data_dir, tmp_path):
     options = ["--sampler", "ddim", "--steps", "5", "--num-samples", "12", "--seed", "7", "--precision", "fp32"]

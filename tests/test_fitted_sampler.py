@@ -114,6 +114,7 @@ def test_unipc_walk_of_power_one_is_even_spacing_and_a_larger_power_crowds_it_to
         unipc_timesteps(make_scheduler("linear", 50), 40, 2.0)
 
 
+@pytest.mark.slow
 def test_the_walk_fit_keeps_the_evenest_power_whose_images_are_nearest_the_reference(monkeypatch):
     """With the reference made UniPC's own walk at power 1.5, that power draws the very same images (distance 0):
     without tolerance the fit must choose it, with a boundless one the evenest walk, power 1; with the reference at
@@ -139,6 +140,7 @@ def test_the_walk_fit_keeps_the_evenest_power_whose_images_are_nearest_the_refer
         assert samplers.fit_walk_power(pipeline, 5, samples=40, progress=False) == chosen, (reference_power, tolerance)
 
 
+@pytest.mark.slow
 def test_sampling_steps_alone_uses_unipc_and_refuses_impossible_step_counts(good_checkpoint, tmp_path):
     out, ckpt = tmp_path / "s", tmp_path / "ddpm_ckpt.pth"
     from checkpoint import load_checkpoint, save_checkpoint
@@ -160,6 +162,7 @@ def test_sampling_steps_alone_uses_unipc_and_refuses_impossible_step_counts(good
         assert last.startswith("sampling.py: error:") and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_the_fit_is_stored_with_the_model_carried_into_the_export_and_refused_when_damaged(train_tiny, tmp_path,
                                                                                            monkeypatch, capsys):
     """The first `--steps 5` fits UniPC's walk and `--sampler fitted --steps 10` the fitted sampler's timesteps; both

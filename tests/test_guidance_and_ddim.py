@@ -69,6 +69,7 @@ def test_model_shape_scales_with_the_image_size(size):
     assert model(x, torch.tensor([3])).shape == x.shape
 
 
+@pytest.mark.slow
 def test_conditional_run_resumes_and_samples_per_class_grids_and_ddim_lists(train_tiny, tmp_path):
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "1", "--conditional")

@@ -213,6 +213,7 @@ def test_restart_with_too_few_steps_is_a_usage_error(good_checkpoint, tmp_path):
     assert not (tmp_path / "x0_0.png").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_the_prediction_option_trains_on_and_samples_as_before(good_checkpoint, tmp_path,
                                                                                          data_dir):
     """The checkpoint format of before --prediction: no such key in its configuration.  It samples exactly as the

@@ -34,6 +34,7 @@ def wait_for_training_to_start(proc):
     raise AssertionError(f"training never started: {proc.stderr.read()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_mid_epoch_and_resume_is_bit_exact(data_dir, tmp_path, signum, code):
     run_script("training.py", "--data-dir", data_dir, "--out-dir", tmp_path / "straight", "--batch-size", "8",
@@ -70,6 +71,7 @@ def test_second_ctrl_c_while_saving_does_not_corrupt(data_dir, tmp_path):
     assert load_checkpoint(str(tmp_path / "ddpm_ckpt.pth"))["step"] > 0
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, train_tiny, tmp_path, monkeypatch,
                                                                      capsys):
     out = tmp_path / "run"
@@ -99,6 +101,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tr
     assert (out / "ddpm_ckpt.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sampling_refuses_non_finite_weights(train_tiny, tmp_path):
     train_tiny(tmp_path / "run", "--epochs", "1")
     state = load(tmp_path / "run" / "ddpm_ckpt.pth")
@@ -150,6 +153,7 @@ def test_unwritable_output_folder_fails_before_training(data_dir, tmp_path):
     assert "training on" not in result.stdout
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_cleanly_mid_epoch_and_resume_finishes_the_run(data_dir, tmp_path):
     out = tmp_path / "run"
     common = ["training.py", "--data-dir", data_dir, "--out-dir", out, "--batch-size", "8", "--preview-samples", "0",
@@ -170,6 +174,7 @@ def tiny_run(data_dir, out_dir, *extra):
             *TINY_MODEL, *extra]
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_is_refused_and_the_first_is_unharmed(data_dir, tmp_path):
     busy = tmp_path / "busy"
     first = start_training(data_dir, busy, "--epochs", "2")
@@ -230,6 +235,7 @@ def test_the_lock_ends_with_the_run_not_with_a_forked_child(tmp_path, capsys):
         run_folder._close_lock_file()                      # this test process lets go of the folder
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_timed_save_leaves_no_lock_and_resume_is_bit_exact(data_dir, tmp_path):
     options = ["--epochs", "2", "--save-every-minutes", "0.003"]       # a save every 0.18 s
     killed = tmp_path / "killed"
@@ -289,6 +295,7 @@ def assert_refused_in_one_sentence(result, *words):
     assert "Traceback" not in result.stderr and all(w in lines[0] for w in words), (lines[0], words)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_any_one_byte_changed_is_refused_in_one_sentence(good_checkpoint, tmp_path):
     """torch.load does not check the zip's CRC-32s: every byte, the trailer and the zip's records included, is covered
     by the SHA-256 at the end of the file."""
@@ -313,6 +320,7 @@ def files_of(folder):
     return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_resume_of_a_damaged_checkpoint_changes_no_file_and_says_how_to_go_on_from_the_previous_save(train_tiny,
                                                                                                     tmp_path):
     out = tmp_path / "run"

@@ -31,6 +31,7 @@ def assert_same_tensors(a, b):
         assert a == b
 
 
+@pytest.mark.slow
 def test_train_resume_and_sample_end_to_end(train_tiny, tmp_path):
     out = tmp_path / "run"
     first = train_tiny(out, "--epochs", "1")
@@ -58,6 +59,7 @@ def test_train_resume_and_sample_end_to_end(train_tiny, tmp_path):
         assert Image.open(samples / f"x0_{t}.png").size == grid.size
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_with_a_seed(train_tiny, tmp_path):
     train_tiny(tmp_path / "run", "--epochs", "1")
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
@@ -67,6 +69,7 @@ def test_sampling_is_reproducible_with_a_seed(train_tiny, tmp_path):
     assert a == b and a != c
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(train_tiny, tmp_path):
     """A run of 1 epoch, resumed with --epochs 2, ends with the same weights as a run of 2 epochs, when the
     learning rate does not depend on the run's length (a linear decay restarts when --epochs grows; the
@@ -155,6 +158,7 @@ def bad_checkpoints(folder, good):
     return files
 
 
+@pytest.mark.slow
 def test_bad_checkpoints_give_one_sentence_and_leave_files_alone(good_checkpoint, tmp_path):
     files = bad_checkpoints(tmp_path, good_checkpoint)
     for name, path in files.items():
@@ -188,6 +192,7 @@ def test_resume_from_bad_checkpoint_is_an_error(train_tiny, good_checkpoint, tmp
     ("sampling.py", ["--device", "nonsense"]),
     ("sampling.py", ["--eta", "2"]),
 ])
+@pytest.mark.slow
 def test_impossible_options_exit_2(script, args, tmp_path):
     result = run_script(script, *args, "--out-dir", tmp_path / "o", check=False)
     assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr

@@ -221,6 +221,7 @@ def test_guided_dpm_solver_with_scale_1_is_the_conditional_model():
     assert not torch.allclose(guided_3, guided_1, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_dpm_solver_through_the_scripts(good_checkpoint, tmp_path):
     out = tmp_path / "s"
     result = run_script("sampling.py", "--ckpt", good_checkpoint, "--out-dir", out, "--num-samples", "12",
@@ -242,6 +243,7 @@ def test_dpm_solver_through_the_scripts(good_checkpoint, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_sweep_writes_a_table_a_json_and_a_picture_and_reuses_its_points(good_checkpoint, data_dir,
                                                                                    tmp_path, monkeypatch, capsys):
     """The first sweep runs evaluate.py's main in this process, so that UniPC's 2-step walk is fitted on 40 images

@@ -174,6 +174,7 @@ def test_sampling_with_auto_precision_prints_its_decision(good_checkpoint, tmp_p
     assert "sampling on cpu in fp32, NCHW (forced)" in forced.stderr
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_precision_it_started_with(train_tiny, tmp_path):
     out = tmp_path / "run"
     first = train_tiny(out, "--epochs", "1", "--precision", "bf16")
@@ -193,6 +194,7 @@ def test_a_new_training_run_prints_the_probe_verdict(train_tiny, tmp_path):
     assert "measured:" in line or "cached" in line or "the only candidate" in line, line
 
 
+@pytest.mark.slow
 def test_benchmark_reports_both_precisions_and_the_fraction_of_the_best_peak(monkeypatch):
     import benchmark
     monkeypatch.setattr(samplers, "WALK_FIT_SAMPLES", 20)                  # (the fit it times: 20 images a set)

@@ -26,6 +26,7 @@ def own_data(data_dir, tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_the_lr_column_is_the_rate_of_each_logged_step_across_a_resume_of_an_old_log(train_tiny, tmp_path):
     """Batches of 8 on 256 images: 32 steps an epoch, rows at steps 50 and 100.  The first run plans 2 epochs (64
     steps), the resumed one 4 (128): a linear decay is redrawn, and each row holds the rate its step used."""
@@ -66,6 +67,7 @@ FID_OPTIONS = ["--fid-samples", "20"]
 SAMPLER = ["--sampler", FID_SAMPLER[0], "--steps", str(FID_SAMPLER[1])]       # what --fid-every samples with
 
 
+@pytest.mark.slow
 def test_fid_every_measures_at_the_last_epoch_and_equals_evaluate_py(train_tiny, own_data, tmp_path):
     out = tmp_path / "run"
     result = train_tiny(out, "--epochs", "2", "--fid-every", "1000", *FID_OPTIONS, "--data-dir", own_data)
@@ -98,6 +100,7 @@ def test_fid_every_measures_at_the_last_epoch_and_equals_evaluate_py(train_tiny,
     assert [(r["epoch"], r["step"]) for r in rows(cut / "loss_log.csv")] == [("0.12", "1"), ("1", "8")]
 
 
+@pytest.mark.slow
 def test_fid_every_epoch_resumes_bit_exactly(train_tiny, own_data, tmp_path):
     """An interval shorter than any epoch: a measurement after every epoch.  Measuring leaves the training's random
     state alone, so a run stopped after 2 epochs and resumed ends as the straight run, FIDs included."""

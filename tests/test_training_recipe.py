@@ -61,6 +61,7 @@ def test_the_plan_follows_the_epochs_or_the_minutes_left():
     assert planned_steps(math.inf, 100, now - 1, now - 100, 100) == 100   # past the deadline: no step left
 
 
+@pytest.mark.slow
 def test_max_minutes_alone_trains_past_the_default_epochs_and_ends_with_the_rate_at_zero(tmp_path):
     write_idx(tmp_path / "data" / "MNIST" / "raw", "train", *make_digits(16, 0))     # one small step per epoch
     write_idx(tmp_path / "data" / "MNIST" / "raw", "t10k", *make_digits(16, 1))
@@ -82,6 +83,7 @@ def train_tiny(data_dir, out, *extra):
     return load(out / "ddpm_ckpt.pth")
 
 
+@pytest.mark.slow
 def test_a_new_run_trains_with_min_snr_and_an_old_plain_checkpoint_resumes_with_the_plain_objective(data_dir,
                                                                                                      tmp_path):
     """The default objective is Min-SNR; a checkpoint trained with the paper's objective, whether it records
@@ -104,6 +106,7 @@ def test_a_new_run_trains_with_min_snr_and_an_old_plain_checkpoint_resumes_with_
         "the two objectives train different weights"
 
 
+@pytest.mark.slow
 def test_a_min_snr_checkpoint_resumes_with_the_gamma_it_was_trained_with(data_dir, tmp_path):
     """Checkpoints of Min-SNR-5, the default before gamma 20, go on with gamma 5: bit for bit the run they began."""
     assert DEFAULTS["min_snr_gamma"] != 5.0
@@ -152,6 +155,7 @@ def test_stratified_timesteps_cover_every_stratum_of_each_batch_and_are_uniform_
     assert len(torch.unique((plain * 128) // 1000)) < 128 == len(torch.unique((batches[0] * 128 + 64) // 1000))
 
 
+@pytest.mark.slow
 def test_stratified_timesteps_and_adam_beta2_are_run_options_kept_on_resume(data_dir, tmp_path):
     base = train_tiny(data_dir, tmp_path / "base", "--epochs", "1")
     new = train_tiny(data_dir, tmp_path / "new", "--timestep-sampling", "stratified", "--adam-beta2", "0.99",
@@ -177,6 +181,7 @@ def test_stratified_timesteps_and_adam_beta2_are_run_options_kept_on_resume(data
     assert impossible.returncode == 2 and "--adam-beta2" in impossible.stderr and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_before_timestep_sampling_resumes_uniform_and_the_option_cannot_change_on_resume(data_dir,
                                                                                                          tmp_path):
     straight = train_tiny(data_dir, tmp_path / "straight", "--timestep-sampling", "uniform", "--epochs", "2")
@@ -197,6 +202,7 @@ def test_a_checkpoint_of_before_timestep_sampling_resumes_uniform_and_the_option
     assert load(tmp_path / "speed" / "ddpm_ckpt.pth")["step"] == speed["step"], "nothing was trained or written"
 
 
+@pytest.mark.slow
 def test_an_edm_run_measures_sigma_data_on_its_images_keeps_it_on_resume_and_samples(data_dir, tmp_path):
     """--prediction edm preconditions with the training pixels' std, which the checkpoint keeps: a resumed run and
     the sampler use the value the run started with."""
@@ -218,6 +224,7 @@ def test_an_edm_run_measures_sigma_data_on_its_images_keeps_it_on_resume_and_sam
     assert "sigma_data" not in plain["config"], "only the edm prediction measures the data"
 
 
+@pytest.mark.slow
 def test_labelled_data_trains_a_conditional_model_unless_unconditional_is_asked(data_dir, tmp_path):
     from PIL import Image
 
