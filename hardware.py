@@ -6,13 +6,16 @@ activations (NCHW or NHWC), the timed speed probe that chooses the fastest of th
 improved-diffusion keeps these apart from the diffusion math in the same way (`dist_util.py`, `fp16_util.py`):
 `unet.py` is the network, `noise_scheduler.py` the math, and the scripts ask this module how to run them.
 `setup_distributed` gives each process that torchrun starts its device and its process group, and `on_rank_0` runs
-what rank 0 does alone while the others wait for it.
+what rank 0 does alone while the others wait for it; `launch_id` names the torchrun launch a process belongs to, and
+`StopRequest` turns Ctrl-C and SIGTERM into a flag that training.py checks after each step.
 """
 import contextlib
 import datetime
 import json
 import math
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -152,6 +155,51 @@ def on_rank_0(work):
     if store.get(f"{key}/end") != b"done":
         raise SystemExit(1)
     return None
+
+
+def launch_id():
+    """The torchrun launch this process belongs to, the same in every attempt of it and in no other launch, or None
+    outside torchrun.  TORCHELASTIC_RUN_ID is torchrun's rendezvous id: a new UUID for every launch with
+    --standalone (and on one node without --master-port); where it is torchrun's default "none" (--rdzv-backend
+    static: --master-port, or several nodes without --rdzv-id), the launch is its agent process, which stays
+    the same over the restarts: the parent process, by the machine's boot, its PID and its start time."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or run_id != "none":
+        return run_id
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]       # field 22: the start time, in clock ticks
+    except (OSError, IndexError):
+        return None
+    return f"agent {boot} {os.getppid()} {started}"
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step, so a step and a
+    checkpoint write are never cut in half.  Further signals while saving are only noted."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving the checkpoint...",
+                  file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
+
+    def ignore_further(self):
+        """Once the checkpoint is saved: ignore further signals.  Python restores the default handlers while
+        it shuts down, so one more Ctrl-C then would kill the process (exit -2) instead of ending it with 130."""
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    def exit_code(self):
+        """The exit code of a run the signal stopped: 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def describe_device(device):
@@ -349,6 +397,23 @@ def _probe(model, device, training, batch, candidates):
             model.zero_grad(set_to_none=True)
             model.train(was_training)
             model.to(memory_format=torch.contiguous_format)
+
+
+def training_speed(model, device, precision_option, config, master, world):
+    """(precision, memory layout, why) of the training steps.  --precision auto times the candidates on this model
+    (choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and
+    layout it started with, so that it goes on bit for bit, unless a precision is forced."""
+    if precision_option == "auto" and "precision" in config:
+        return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
+
+    def probe():
+        precision, layout, note = choose_speed(model, device, precision_option, training=True,
+                                               batch_size=config["batch_size"] // world)
+        return [precision, LAYOUT_NAMES[layout], note]
+    decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
+    if world > 1:
+        dist.broadcast_object_list(decision, src=0)
+    return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
 
 
 def compile_for_sampling(model, device):

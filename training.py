@@ -17,7 +17,8 @@ Under torchrun --max-restarts, a restarted attempt resumes the checkpoint its ow
 that stops answering makes the others fail after --dist-timeout, so that torchrun restarts them.
 
 Reading order: algorithm 1's pieces (diffusion_loss, learning_rate, ema_update), then the run that repeats them
-(RunState, Trainer, main), then its machinery: options, signals, the speed probe, the plan and the sample grids.
+(RunState, Trainer, main), then its options, its plan and its sample grids.  The machinery of the processes (signals,
+torchrun launches, the speed probe) is in hardware.py.
 """
 import argparse
 import copy
@@ -25,7 +26,6 @@ import dataclasses
 import math
 import os
 import re
-import signal
 import sys
 import time
 
@@ -59,14 +59,15 @@ from evaluate import EvalError, fid_of, reference_data
 from hardware import (
     DIST_TIMEOUT_MINUTES,
     LAYOUT_NAMES,
-    LAYOUT_NAMES_INV,
     PeerLost,
+    StopRequest,
     autocast,
-    choose_speed,
+    launch_id,
     memory_format,
     on_rank_0,
     peer_lost,
     setup_distributed,
+    training_speed,
 )
 from noise_scheduler import P_MEAN, P_STD, PREDICTIONS, SCHEDULES, SPEED_RATIO, TIMESTEP_SAMPLINGS, make_scheduler
 from run_folder import (
@@ -589,7 +590,7 @@ class Trainer:
                   f"{self.args.out_dir}", file=sys.stderr if by_signal else sys.stdout)
         if by_signal:
             self.stop_request.ignore_further()
-            return 128 + (self.stop_request.signum or signal.SIGTERM)
+            return self.stop_request.exit_code()
         if self.world > 1:
             dist.destroy_process_group()
         return 0
@@ -761,65 +762,6 @@ def model_shape(in_channels, image_size, channel_mults=None):
     attention = [r for r in resolutions if r <= max(8, image_size // 4)] or [resolutions[-1]]
     return dict(in_channels=in_channels, image_size=image_size, channel_mults=list(channel_mults),
                 attention_resolutions=attention, num_heads=4)
-
-
-# ---- signals and the speed probe ---------------------------------------------------------------------------
-class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step, so a step and a
-    checkpoint write are never cut in half.  Further signals while saving are only noted."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving the checkpoint...",
-                  file=sys.stderr, flush=True)
-        self.signum = self.signum or signum
-
-    def ignore_further(self):
-        """Once the checkpoint is saved: ignore further signals.  Python restores the default handlers while
-        it shuts down, so one more Ctrl-C then would kill the process (exit -2) instead of ending it with 130."""
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-
-
-def training_speed(model, device, precision_option, config, master, world):
-    """(precision, memory layout, why) of the training steps.  --precision auto times the candidates on this model
-    (hardware.choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and
-    layout it started with, so that it goes on bit for bit, unless a precision is forced."""
-    if precision_option == "auto" and "precision" in config:
-        return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
-
-    def probe():
-        precision, layout, note = choose_speed(model, device, precision_option, training=True,
-                                               batch_size=config["batch_size"] // world)
-        return [precision, LAYOUT_NAMES[layout], note]
-    decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
-    if world > 1:
-        dist.broadcast_object_list(decision, src=0)
-    return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
-
-
-def launch_id():
-    """The torchrun launch this process belongs to, the same in every attempt of it and in no other launch, or None
-    outside torchrun.  TORCHELASTIC_RUN_ID is torchrun's rendezvous id: a new UUID for every launch with
-    --standalone (and on one node without --master-port); where it is torchrun's default "none" (--rdzv-backend
-    static: --master-port, or several nodes without --rdzv-id), the launch is its agent process, which stays
-    the same over the restarts: the parent process, by the machine's boot, its PID and its start time."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id is None or run_id != "none":
-        return run_id
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        with open(f"/proc/{os.getppid()}/stat") as f:
-            started = f.read().rsplit(")", 1)[1].split()[19]       # field 22: the start time, in clock ticks
-    except (OSError, IndexError):
-        return None
-    return f"agent {boot} {os.getppid()} {started}"
 
 
 # ---- the run's length, the sample grids -------------------------------------------------------------------
