@@ -12,7 +12,9 @@ lock that makes it one run's.
     OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside (written
                                        once the run goes ahead: a refused --resume leaves every file as it was)
 
-Importing this module has no side effects; visualize.py reads the names of the logs from here.
+training.py asks this module which checkpoint of the folder a run continues (checkpoint_to_continue), and writes
+its logs' rows with log_epoch and log_steps.  Importing this module has no side effects; visualize.py reads the
+names of the logs from here.
 """
 import csv
 import fcntl
@@ -20,6 +22,7 @@ import os
 import tempfile
 import time
 
+from checkpoint import CheckpointError, load_checkpoint
 from cli import atomic_write, fail
 
 DEFAULT_OUT_DIR = "default"
@@ -114,6 +117,31 @@ def _close_lock_file():
         _folder_lock = None
 
 
+def checkpoint_to_continue(ckpt_path, resume, overwrite, restart, launch):
+    """The checkpoint a training run continues, or None for a new run.  --resume (`resume`) continues the checkpoint
+    in --out-dir.  A torchrun restart (`restart`: TORCHELASTIC_RESTART_COUNT > 0, the same command line as the
+    attempt before) continues the checkpoint its own launch saved (`launch`: hardware.launch_id), whatever the
+    options; where its launch saved none, it starts as the first attempt did: it never starts over on top of its
+    own run, and resumes a different run's checkpoint only with --resume.  Otherwise an existing checkpoint is
+    replaced only with --overwrite (`overwrite`)."""
+    exists = os.path.exists(ckpt_path)
+    if not (resume or (restart and exists)):
+        if exists and not overwrite:
+            fail(f"{ckpt_path} already holds a training run; pass --resume to continue it, "
+                 f"--overwrite to replace it, or --out-dir to train somewhere else")
+        return None
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        fail(f"cannot resume: {e}")
+    if resume or (launch is not None and ckpt.get("launch_id") == launch):
+        return ckpt
+    if not overwrite:
+        fail(f"{ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
+             f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
+    return None
+
+
 def append_csv(path, header, row):
     """Append a row to a CSV file, writing the header first if the file is new."""
     new = not os.path.exists(path)
@@ -164,3 +192,24 @@ def add_missing_columns(path, header):
              f"move it away to resume")
     padding = [""] * (len(header) - len(old))
     atomic_write(path, lambda f: csv.writer(f).writerows([header] + [row + padding for row in rows[1:]]))
+
+
+def log_epoch(folder, epoch, step, mean_loss, images_per_s, seconds, fid):
+    """A row of loss_log.csv (rank 0); `fid` None leaves its column empty."""
+    append_csv(os.path.join(folder, LOSS_LOG_NAME), LOSS_LOG_HEADER,
+               [epoch, step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
+                "" if fid is None else f"{fid:.6f}"])
+
+
+def log_steps(folder, step, epoch, mean_loss, lr):
+    """A row of loss_steps.csv (rank 0), every 50 steps: the mean loss of those steps, and the rate of the last."""
+    append_csv(os.path.join(folder, STEP_LOG_NAME), STEP_LOG_HEADER, [step, epoch, f"{mean_loss:.6f}", repr(lr)])
+
+
+def resume_logs(folder, step):
+    """On --resume from `step` (and on a torchrun restart): the rows written after the checkpoint go, since the
+    resumed run writes them again, and logs of older versions get the columns added since."""
+    for log in (STEP_LOG_NAME, LOSS_LOG_NAME):
+        drop_log_rows_after(os.path.join(folder, log), step)
+    add_missing_columns(os.path.join(folder, STEP_LOG_NAME), STEP_LOG_HEADER)
+    add_missing_columns(os.path.join(folder, LOSS_LOG_NAME), LOSS_LOG_HEADER)

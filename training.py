@@ -34,15 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    all_finite,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, rng_state, save_checkpoint, set_rng_state
 from cli import (
     add_device_options,
     fail,
@@ -73,16 +65,14 @@ from noise_scheduler import P_MEAN, P_STD, PREDICTIONS, SCHEDULES, SPEED_RATIO, 
 from run_folder import (
     CKPT_NAME,
     DEFAULT_OUT_DIR,
-    LOSS_LOG_HEADER,
     LOSS_LOG_NAME,
-    STEP_LOG_HEADER,
-    STEP_LOG_NAME,
-    add_missing_columns,
-    append_csv,
     check_writable,
+    checkpoint_to_continue,
     claim_run_folder,
-    drop_log_rows_after,
     lock_run_folder,
+    log_epoch,
+    log_steps,
+    resume_logs,
 )
 from sampling import DEFAULT_GUIDANCE, FID_SAMPLER, Pipeline, generate, model_config, save_grid
 from unet import UNet
@@ -240,7 +230,8 @@ class Trainer:
             dist.broadcast_object_list(shared, src=0)
             self.launch = shared[0]
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))    # torchrun's attempt: 0, 1, ...
-        self.ckpt, self.restarted = self.checkpoint_to_continue(), False
+        self.ckpt = checkpoint_to_continue(self.ckpt_path, args.resume, args.overwrite, self.restart, self.launch)
+        self.restarted = False
         if self.ckpt is not None and self.restart and self.launch is not None:
             self.restarted = self.ckpt.get("launch_id") == self.launch
         self.config = resolve_config(args, parser, self.ckpt)
@@ -249,30 +240,6 @@ class Trainer:
         if self.master:
             claim_run_folder()                       # the run goes ahead: its PID goes into the lock file
         self.state = RunState()
-
-    def checkpoint_to_continue(self):
-        """The checkpoint this run continues, or None for a new run.  --resume continues the checkpoint in
-        --out-dir.  A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0, the same command line as the attempt
-        before) continues the checkpoint its own launch saved (launch_id), whatever the options; where its
-        launch saved none, it starts as the first attempt did: it never starts over on top of its own run, and
-        resumes a different run's checkpoint only with --resume."""
-        args = self.args
-        exists = os.path.exists(self.ckpt_path)
-        if not (args.resume or (self.restart and exists)):
-            if exists and not args.overwrite:
-                fail(f"{self.ckpt_path} already holds a training run; pass --resume to continue it, "
-                     f"--overwrite to replace it, or --out-dir to train somewhere else")
-            return None
-        try:
-            ckpt = load_checkpoint(self.ckpt_path)
-        except CheckpointError as e:
-            fail(f"cannot resume: {e}")
-        if args.resume or (self.launch is not None and ckpt.get("launch_id") == self.launch):
-            return ckpt
-        if not args.overwrite:
-            fail(f"{self.ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
-                 f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
-        return None
 
     def load_data(self):
         """The training images that x_0 ~ q(x_0) draws from (uint8, in memory or streamed from a folder) and their
@@ -356,10 +323,7 @@ class Trainer:
             mine = f", which this launch saved after {s.launch_seconds:.1f} s of training" if self.restarted else ""
             print(f"{restart}resuming {self.ckpt_path}{mine}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, "
                   f"step {s.step}")
-            for log in (STEP_LOG_NAME, LOSS_LOG_NAME):       # rows written after the checkpoint are written again
-                drop_log_rows_after(os.path.join(self.args.out_dir, log), s.step)
-            add_missing_columns(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER)   # logs of older
-            add_missing_columns(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER)   # versions
+            resume_logs(self.args.out_dir, s.step)   # rows after the checkpoint go; old logs get the new columns
 
     def start(self):
         """Wrap the model for training (DDP, torch.compile), take over Ctrl-C and SIGTERM, plan the run (its
@@ -456,10 +420,9 @@ class Trainer:
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
         s.window_sum, s.window_count = s.window_sum + loss, s.window_count + 1
         if s.step % STEP_LOG_EVERY == 0:
-            if self.master:
-                append_csv(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER,     # lr: the rate of
-                           [s.step, s.epoch + 1, f"{s.window_sum / s.window_count:.6f}",          # this step
-                            repr(self.optimizer.param_groups[0]["lr"])])
+            if self.master:                                                   # lr: the rate of this step
+                log_steps(self.args.out_dir, s.step, s.epoch + 1, s.window_sum / s.window_count,
+                          self.optimizer.param_groups[0]["lr"])
             s.window_sum, s.window_count = 0.0, 0
 
     def after_step(self):
@@ -489,7 +452,7 @@ class Trainer:
         s.epoch, s.batch_in_epoch, s.loss_sum, s.loss_count = s.epoch + 1, 0, 0.0, 0
         fid = self.fid_if_due()
         if self.master:     # the row before the save: after a kill between them, --resume drops it and writes it again
-            self.log_epoch(s.epoch, mean_loss, images_per_s, seconds, fid)
+            log_epoch(self.args.out_dir, s.epoch, s.step, mean_loss, images_per_s, seconds, fid)
         self.save()
         if self.save_every:
             self.next_save = time.monotonic() + self.save_every
@@ -595,12 +558,6 @@ class Trainer:
             dist.destroy_process_group()
         return 0
 
-    def log_epoch(self, epoch, mean_loss, images_per_s, seconds, fid):
-        """A row of loss_log.csv (rank 0)."""
-        append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER,
-                   [epoch, self.state.step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
-                    "" if fid is None else f"{fid:.6f}"])
-
     def log_partial_epoch(self):
         """--fid-every when --max-minutes ends the run mid-epoch: the FID of the run's end, in a row of loss_log.csv
         for the batches of the epoch in progress, its epoch a fraction (5.43: 43% of the sixth).  The epoch's own
@@ -610,8 +567,9 @@ class Trainer:
         seconds = time.perf_counter() - started                      # the training's time, before the measurement
         fid = self.fid_if_due(last=True)
         if self.master and s.loss_count:
-            self.log_epoch(f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.loss_sum / s.loss_count,
-                           (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds, seconds, fid)
+            log_epoch(self.args.out_dir, f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.step,
+                      s.loss_sum / s.loss_count, (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds,
+                      seconds, fid)
 
     def finish(self):
         """The run's epochs are done: say so, and leave torchrun's process group."""
