@@ -14,6 +14,7 @@ import datetime
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -22,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from cli import atomic_write
+from cli import atomic_write, first_line
 
 try:
     import fcntl  # the probe cache's lock (POSIX)
@@ -103,6 +104,15 @@ def peer_lost(error):
         "gloo" in text or "NCCL" in text or "Timed out" in text or "Connection" in text)
 
 
+def exit_peer_lost(error):
+    """After peer_lost(error): say in one line that this process lost the run's other processes, and why, and exit 1,
+    so that torchrun --max-restarts can restart the run from its last checkpoint."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]   # gloo's: [its source file] what. more
+    print(f"error: process {os.environ.get('RANK', 0)} lost the run's other processes ({reason}); it exits 1, so "
+          f"that torchrun --max-restarts can restart the run from its last checkpoint", file=sys.stderr)
+    sys.exit(1)
+
+
 def on_rank_0(work):
     """work() on rank 0 alone while the other processes wait for it: its result on rank 0, None elsewhere (and
     work() itself in a run of one process, or outside setup_distributed's process group).  An FID
@@ -155,6 +165,23 @@ def on_rank_0(work):
     if store.get(f"{key}/end") != b"done":
         raise SystemExit(1)
     return None
+
+
+def from_rank_0(values, world):
+    """The list `values` as rank 0 holds it, on every process (filled in place): what rank 0 decided alone, which
+    the others wait for.  In a run of one process, `values` as it is."""
+    if world > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values
+
+
+def from_every_rank(value, world):
+    """[rank 0's value, rank 1's, ...] on every process; [value] in a run of one process."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def launch_id():
@@ -411,9 +438,19 @@ def training_speed(model, device, precision_option, config, master, world):
                                                batch_size=config["batch_size"] // world)
         return [precision, LAYOUT_NAMES[layout], note]
     decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
-    if world > 1:
-        dist.broadcast_object_list(decision, src=0)
+    decision = from_rank_0(decision, world)
     return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
+
+
+def wrap_for_training(model, device, world, compile_model=False):
+    """The model as the training steps call it: under torchrun in DistributedDataParallel, which averages the
+    gradients over the processes, and with --compile through torch.compile (it compiles during the first steps)."""
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        model = torch.compile(model)
+    return model
 
 
 def compile_for_sampling(model, device):

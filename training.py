@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import math
 import os
-import re
 import sys
 import time
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, rng_state, save_checkpoint, set_rng_state
-from cli import fail, first_line
+from cli import fail
 from dataset import NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
 from evaluate import EvalError, fid_of, reference_data
 from hardware import (
@@ -42,12 +41,16 @@ from hardware import (
     PeerLost,
     StopRequest,
     autocast,
+    exit_peer_lost,
+    from_every_rank,
+    from_rank_0,
     launch_id,
     memory_format,
     on_rank_0,
     peer_lost,
     setup_distributed,
     training_speed,
+    wrap_for_training,
 )
 from noise_scheduler import make_scheduler
 from run_folder import (
@@ -210,11 +213,7 @@ class Trainer:
         if self.master:      # the folder is this run's before anything in it is read: one run per folder
             check_writable(args.out_dir)
             lock_run_folder(args.out_dir)
-        self.launch = launch_id()
-        if self.world > 1:   # the other processes wait for it, and take its launch id
-            shared = [self.launch]
-            dist.broadcast_object_list(shared, src=0)
-            self.launch = shared[0]
+        self.launch = from_rank_0([launch_id()], self.world)[0]   # the others wait for rank 0, and take its launch id
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))    # torchrun's attempt: 0, 1, ...
         self.ckpt = checkpoint_to_continue(self.ckpt_path, args.resume, args.overwrite, self.restart, self.launch)
         self.restarted = False
@@ -315,12 +314,7 @@ class Trainer:
         """Wrap the model for training (DDP, torch.compile), take over Ctrl-C and SIGTERM, plan the run (its
         epochs, or its minutes, and the timed saves) and say what it is."""
         args, config = self.args, self.config
-        self.train_model = self.model
-        if self.world > 1:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if args.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = wrap_for_training(self.model, self.device, self.world, args.compile)
         self.stop_request = StopRequest()
         self.batches_per_epoch = self.images.shape[0] // config["batch_size"]
         if self.batches_per_epoch == 0:
@@ -458,10 +452,8 @@ class Trainer:
         s.fid_seconds, self.fid_clock = s.fid_seconds + now - self.fid_clock, now
         if not args.fid_every:
             return None
-        due = [s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last]
-        if self.world > 1:       # rank 0's clock decides for all: the others wait for the measurement it makes
-            dist.broadcast_object_list(due, src=0)
-        if not due[0]:
+        due = s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last
+        if not from_rank_0([due], self.world)[0]:    # rank 0's clock decides; the others wait for its measurement
             return None
 
         def measure():
@@ -506,11 +498,7 @@ class Trainer:
     def save(self):
         """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
         with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
-        states = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(states, rng_state(self.generator))
-        else:
-            states = [rng_state(self.generator)]
+        states = from_every_rank(rng_state(self.generator), self.world)
         self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
 
         def write():
@@ -647,7 +635,4 @@ if __name__ == "__main__":
     except (PeerLost, RuntimeError) as e:    # under torchrun: another process died or hung, this one cannot go on
         if not peer_lost(e):
             raise
-        reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]   # gloo's: [its source file] what. more
-        print(f"error: process {os.environ.get('RANK', 0)} lost the run's other processes ({reason}); it exits 1, so "
-              f"that torchrun --max-restarts can restart the run from its last checkpoint", file=sys.stderr)
-        sys.exit(1)
+        exit_peer_lost(e)
