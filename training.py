@@ -191,10 +191,12 @@ class Stop(Exception):
         self.by_signal = by_signal
 
 
-class Trainer:
-    """One training run, in the phases that main() calls in turn.  What the run is made of (options, processes,
-    data, model, EMA, optimizer, schedule, plan) is set once; the counters that change as it trains are
-    self.state, which save() writes into the checkpoint and restore() takes back."""
+class Run:
+    """A training run as main() sets it up, phase by phase: the processes and the device, the output folder (locked),
+    the checkpoint to continue and the configuration (__init__), the training images (load_data), epsilon_theta, its
+    EMA, AdamW and the noise schedule (build), on --resume their saved state (restore), and the plan and the clock
+    (start).  What the run is made of is set once; the counters that change as it trains are self.state, which
+    save() writes into the checkpoint and restore() takes back."""
 
     def __init__(self, args, parser):
         """Set up the run: the processes and the device, the output folder (checked and locked), the checkpoint
@@ -342,6 +344,30 @@ class Trainer:
             print(f"--fid-every {args.fid_every:g}: the FID at N = {args.fid_samples} ({FID_SAMPLER[1]}-step "
                   f"{FID_SAMPLER[0]}, classifier features) goes into {LOSS_LOG_NAME} at the first epoch end after "
                   f"every {args.fid_every:g} minutes of training and at the last")
+
+    def save(self):
+        """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
+        with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
+        states = from_every_rank(rng_state(self.generator), self.world)
+        self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
+
+        def write():
+            if not (all_finite(self.model.state_dict()) and all_finite(self.ema.state_dict())):
+                fail(f"the weights are not finite at step {self.state.step}; the last good checkpoint "
+                     f"{self.ckpt_path} is kept")
+            try:
+                save_checkpoint(dict(format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(),
+                                     ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(), rng=states,
+                                     launch_id=self.launch, **self.state.to_checkpoint()), self.ckpt_path)
+            except CheckpointError as e:
+                fail(str(e))
+        on_rank_0(write)
+
+
+class Trainer(Run):
+    """The loop of algorithm 1 over the run: epochs of steps (train_epoch, train_step, record), a stop or a timed
+    save after a step (after_step), and at each epoch's end loss_log.csv, the checkpoint and, when due, the FID and a
+    grid of samples from the EMA weights (end_epoch, fid_if_due, preview_if_due); stop() or finish() ends it."""
 
     def train_epoch(self):
         """Algorithm 1 over the rest of this epoch's batches.  Returns the seconds it took and the images per
@@ -494,24 +520,6 @@ class Trainer:
         self.last_preview = time.monotonic()
         self.preview_seconds = self.last_preview - preview_start
         return grid
-
-    def save(self):
-        """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
-        with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
-        states = from_every_rank(rng_state(self.generator), self.world)
-        self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
-
-        def write():
-            if not (all_finite(self.model.state_dict()) and all_finite(self.ema.state_dict())):
-                fail(f"the weights are not finite at step {self.state.step}; the last good checkpoint "
-                     f"{self.ckpt_path} is kept")
-            try:
-                save_checkpoint(dict(format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(),
-                                     ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(), rng=states,
-                                     launch_id=self.launch, **self.state.to_checkpoint()), self.ckpt_path)
-            except CheckpointError as e:
-                fail(str(e))
-        on_rank_0(write)
 
     def stop(self, by_signal):
         """Save the position inside the epoch and say how to continue.  Returns the exit code: 128 + the signal's
