@@ -12,9 +12,9 @@ lock that makes it one run's.
     OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside (written
                                        once the run goes ahead: a refused --resume leaves every file as it was)
 
-training.py asks this module which checkpoint of the folder a run continues (checkpoint_to_continue), and writes
-its logs' rows with log_epoch and log_steps.  Importing this module has no side effects; visualize.py reads the
-names of the logs from here.
+training.py takes the folder with take_run_folder, asks which checkpoint of it a run continues
+(checkpoint_to_continue), and writes its logs' rows with log_epoch and log_steps.  Importing this module has no side
+effects; visualize.py reads the names of the logs from here.
 """
 import csv
 import fcntl
@@ -117,29 +117,43 @@ def _close_lock_file():
         _folder_lock = None
 
 
+def take_run_folder(folder, resume, master):
+    """Make the folder this run's before anything in it is read: one run per folder.  A --resume (`resume`) of a
+    folder that does not exist fails (a mistyped folder is not created); rank 0 (`master`) checks that it can write
+    there and locks it.  Returns the path of the folder's checkpoint."""
+    ckpt_path = os.path.join(folder, CKPT_NAME)
+    if resume and not os.path.isdir(folder):
+        fail(f"cannot resume: there is no checkpoint at {ckpt_path}")
+    if master:
+        check_writable(folder)
+        lock_run_folder(folder)
+    return ckpt_path
+
+
 def checkpoint_to_continue(ckpt_path, resume, overwrite, restart, launch):
-    """The checkpoint a training run continues, or None for a new run.  --resume (`resume`) continues the checkpoint
-    in --out-dir.  A torchrun restart (`restart`: TORCHELASTIC_RESTART_COUNT > 0, the same command line as the
-    attempt before) continues the checkpoint its own launch saved (`launch`: hardware.launch_id), whatever the
-    options; where its launch saved none, it starts as the first attempt did: it never starts over on top of its
-    own run, and resumes a different run's checkpoint only with --resume.  Otherwise an existing checkpoint is
-    replaced only with --overwrite (`overwrite`)."""
+    """(The checkpoint a training run continues, or None for a new run; whether the run is a torchrun restart that
+    continues its own launch's checkpoint.)  --resume (`resume`) continues the checkpoint in --out-dir.  A torchrun
+    restart (`restart`: TORCHELASTIC_RESTART_COUNT > 0, the same command line as the attempt before) continues the
+    checkpoint its own launch saved (`launch`: hardware.launch_id), whatever the options; where its launch saved
+    none, it starts as the first attempt did: it never starts over on top of its own run, and resumes a different
+    run's checkpoint only with --resume.  Otherwise an existing checkpoint is replaced only with --overwrite."""
     exists = os.path.exists(ckpt_path)
     if not (resume or (restart and exists)):
         if exists and not overwrite:
             fail(f"{ckpt_path} already holds a training run; pass --resume to continue it, "
                  f"--overwrite to replace it, or --out-dir to train somewhere else")
-        return None
+        return None, False
     try:
         ckpt = load_checkpoint(ckpt_path)
     except CheckpointError as e:
         fail(f"cannot resume: {e}")
-    if resume or (launch is not None and ckpt.get("launch_id") == launch):
-        return ckpt
+    own = launch is not None and ckpt.get("launch_id") == launch
+    if resume or own:
+        return ckpt, bool(restart) and own
     if not overwrite:
         fail(f"{ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
              f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
-    return None
+    return None, False
 
 
 def append_csv(path, header, row):

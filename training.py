@@ -17,8 +17,8 @@ Under torchrun --max-restarts, a restarted attempt resumes the checkpoint its ow
 that stops answering makes the others fail after --dist-timeout, so that torchrun restarts them.
 
 Reading order: algorithm 1's pieces (diffusion_loss, learning_rate, ema_update), then the run that repeats them
-(RunState, Trainer, main), then its options, its plan and its sample grids.  The machinery of the processes (signals,
-torchrun launches, the speed probe) is in hardware.py.
+(RunState; Run, its set-up; Trainer, its loop; main), then its options, its plan and its sample grids.  The machinery
+is called by its module: hardware.py (processes, signals, speed probe), run_folder.py (the folder, lock, logs).
 """
 import copy
 import dataclasses
@@ -32,38 +32,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import hardware
+import run_folder
 from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, rng_state, save_checkpoint, set_rng_state
 from cli import fail
 from dataset import NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
 from evaluate import EvalError, fid_of, reference_data
-from hardware import (
-    LAYOUT_NAMES,
-    PeerLost,
-    StopRequest,
-    autocast,
-    exit_peer_lost,
-    from_every_rank,
-    from_rank_0,
-    launch_id,
-    memory_format,
-    on_rank_0,
-    peer_lost,
-    setup_distributed,
-    training_speed,
-    wrap_for_training,
-)
 from noise_scheduler import make_scheduler
-from run_folder import (
-    CKPT_NAME,
-    LOSS_LOG_NAME,
-    check_writable,
-    checkpoint_to_continue,
-    claim_run_folder,
-    lock_run_folder,
-    log_epoch,
-    log_steps,
-    resume_logs,
-)
 from sampling import DEFAULT_GUIDANCE, FID_SAMPLER, Pipeline, generate, model_config, save_grid
 from training_options import options_parser, resolve_config
 from unet import UNet
@@ -125,7 +100,7 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
     if labels is not None:
         drop = torch.rand(len(x0), generator=generator, device=device) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    with autocast(device, precision):
+    with hardware.autocast(device, precision):
         output = net(scheduler.model_input(x_t, t), t, labels)                # (c_in x_t for edm)
     target = scheduler.target(x0, noise, t)
     if min_snr_gamma is None:
@@ -205,27 +180,21 @@ class Run:
         if args.resume and args.overwrite:
             parser.error("--resume and --overwrite exclude each other")
         try:
-            self.rank, self.world, self.device = setup_distributed(args.device, args.dist_timeout)
+            self.rank, self.world, self.device = hardware.setup_distributed(args.device, args.dist_timeout)
         except ValueError as e:
             parser.error(str(e))
         self.args, self.parser, self.master = args, parser, self.rank == 0
-        self.ckpt_path = os.path.join(args.out_dir, CKPT_NAME)
-        if args.resume and not os.path.isdir(args.out_dir):     # a mistyped folder is not created
-            fail(f"cannot resume: there is no checkpoint at {self.ckpt_path}")
-        if self.master:      # the folder is this run's before anything in it is read: one run per folder
-            check_writable(args.out_dir)
-            lock_run_folder(args.out_dir)
-        self.launch = from_rank_0([launch_id()], self.world)[0]   # the others wait for rank 0, and take its launch id
+        self.ckpt_path = run_folder.take_run_folder(args.out_dir, args.resume, self.master)   # one run per folder
+        # The other processes wait for rank 0 to hold the folder, and take its launch id.
+        self.launch = hardware.from_rank_0([hardware.launch_id()], self.world)[0]
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))    # torchrun's attempt: 0, 1, ...
-        self.ckpt = checkpoint_to_continue(self.ckpt_path, args.resume, args.overwrite, self.restart, self.launch)
-        self.restarted = False
-        if self.ckpt is not None and self.restart and self.launch is not None:
-            self.restarted = self.ckpt.get("launch_id") == self.launch
+        self.ckpt, self.restarted = run_folder.checkpoint_to_continue(self.ckpt_path, args.resume, args.overwrite,
+                                                                       self.restart, self.launch)
         self.config = resolve_config(args, parser, self.ckpt, DEFAULTS, LEGACY_CONFIG, RUN_KEYS)
         if self.config["batch_size"] % self.world:
             parser.error(f"--batch-size {self.config['batch_size']} does not divide over {self.world} processes")
         if self.master:
-            claim_run_folder()                       # the run goes ahead: its PID goes into the lock file
+            run_folder.claim_run_folder()                       # the run goes ahead: its PID goes into the lock file
         self.state = RunState()
 
     def load_data(self):
@@ -273,11 +242,12 @@ class Run:
             self.model = UNet(**model_config(config)).to(device)
         except ValueError as e:
             self.parser.error(str(e))
-        self.precision, layout, self.speed_note = training_speed(self.model, device, self.args.precision, config,
-                                                                 self.master, self.world)
+        self.precision, layout, self.speed_note = hardware.training_speed(self.model, device, self.args.precision,
+                                                                          config, self.master, self.world)
         self.model.to(memory_format=layout)
-        config.update(precision=self.precision, memory_format=LAYOUT_NAMES[layout])
-        self.ema = copy.deepcopy(self.model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
+        config.update(precision=self.precision, memory_format=hardware.LAYOUT_NAMES[layout])
+        self.ema = copy.deepcopy(self.model).to(memory_format=hardware.memory_format(device)).eval()
+        self.ema.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
                                            weight_decay=0.0)
         self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"],
@@ -310,14 +280,14 @@ class Run:
             mine = f", which this launch saved after {s.launch_seconds:.1f} s of training" if self.restarted else ""
             print(f"{restart}resuming {self.ckpt_path}{mine}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, "
                   f"step {s.step}")
-            resume_logs(self.args.out_dir, s.step)   # rows after the checkpoint go; old logs get the new columns
+            run_folder.resume_logs(self.args.out_dir, s.step)   # rows after the checkpoint go; old logs get new columns
 
     def start(self):
         """Wrap the model for training (DDP, torch.compile), take over Ctrl-C and SIGTERM, plan the run (its
         epochs, or its minutes, and the timed saves) and say what it is."""
         args, config = self.args, self.config
-        self.train_model = wrap_for_training(self.model, self.device, self.world, args.compile)
-        self.stop_request = StopRequest()
+        self.train_model = hardware.wrap_for_training(self.model, self.device, self.world, args.compile)
+        self.stop_request = hardware.StopRequest()
         self.batches_per_epoch = self.images.shape[0] // config["batch_size"]
         if self.batches_per_epoch == 0:
             fail(f"the dataset has {self.images.shape[0]} images, fewer than one batch of {config['batch_size']}")
@@ -342,13 +312,13 @@ class Run:
         self.fid_clock = time.monotonic()        # state.fid_seconds counts the training time from here
         if args.fid_every and self.master:
             print(f"--fid-every {args.fid_every:g}: the FID at N = {args.fid_samples} ({FID_SAMPLER[1]}-step "
-                  f"{FID_SAMPLER[0]}, classifier features) goes into {LOSS_LOG_NAME} at the first epoch end after "
-                  f"every {args.fid_every:g} minutes of training and at the last")
+                  f"{FID_SAMPLER[0]}, classifier features) goes into {run_folder.LOSS_LOG_NAME} at the first epoch "
+                  f"end after every {args.fid_every:g} minutes of training and at the last")
 
     def save(self):
         """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
         with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
-        states = from_every_rank(rng_state(self.generator), self.world)
+        states = hardware.from_every_rank(rng_state(self.generator), self.world)
         self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
 
         def write():
@@ -361,7 +331,7 @@ class Run:
                                      launch_id=self.launch, **self.state.to_checkpoint()), self.ckpt_path)
             except CheckpointError as e:
                 fail(str(e))
-        on_rank_0(write)
+        hardware.on_rank_0(write)
 
 
 class Trainer(Run):
@@ -427,7 +397,7 @@ class Trainer(Run):
         s.window_sum, s.window_count = s.window_sum + loss, s.window_count + 1
         if s.step % STEP_LOG_EVERY == 0:
             if self.master:                                                   # lr: the rate of this step
-                log_steps(self.args.out_dir, s.step, s.epoch + 1, s.window_sum / s.window_count,
+                run_folder.log_steps(self.args.out_dir, s.step, s.epoch + 1, s.window_sum / s.window_count,
                           self.optimizer.param_groups[0]["lr"])
             s.window_sum, s.window_count = 0.0, 0
 
@@ -458,11 +428,11 @@ class Trainer(Run):
         s.epoch, s.batch_in_epoch, s.loss_sum, s.loss_count = s.epoch + 1, 0, 0.0, 0
         fid = self.fid_if_due()
         if self.master:     # the row before the save: after a kill between them, --resume drops it and writes it again
-            log_epoch(self.args.out_dir, s.epoch, s.step, mean_loss, images_per_s, seconds, fid)
+            run_folder.log_epoch(self.args.out_dir, s.epoch, s.step, mean_loss, images_per_s, seconds, fid)
         self.save()
         if self.save_every:
             self.next_save = time.monotonic() + self.save_every
-        grid = on_rank_0(self.preview_if_due)
+        grid = hardware.on_rank_0(self.preview_if_due)
         if self.master:
             print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s"
                   + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
@@ -479,7 +449,7 @@ class Trainer(Run):
         if not args.fid_every:
             return None
         due = s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last
-        if not from_rank_0([due], self.world)[0]:    # rank 0's clock decides; the others wait for its measurement
+        if not hardware.from_rank_0([due], self.world)[0]:    # rank 0's clock decides; the others wait for its FID
             return None
 
         def measure():
@@ -496,7 +466,7 @@ class Trainer(Run):
                   f"{time.monotonic() - start:.1f} s")
             return fid
         measuring = time.monotonic()
-        fid = on_rank_0(measure)
+        fid = hardware.on_rank_0(measure)
         # The measurement is not training: the run's clock (its pace, its deadline, the launch's minutes spent)
         # moves on by what it took, so --max-minutes M trains M minutes with or without --fid-every.
         measured = time.monotonic() - measuring
@@ -549,9 +519,9 @@ class Trainer(Run):
         seconds = time.perf_counter() - started                      # the training's time, before the measurement
         fid = self.fid_if_due(last=True)
         if self.master and s.loss_count:
-            log_epoch(self.args.out_dir, f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.step,
-                      s.loss_sum / s.loss_count, (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds,
-                      seconds, fid)
+            run_folder.log_epoch(self.args.out_dir, f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}",
+                                 s.step, s.loss_sum / s.loss_count,
+                                 (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds, seconds, fid)
 
     def finish(self):
         """The run's epochs are done: say so, and leave torchrun's process group."""
@@ -640,7 +610,7 @@ if __name__ == "__main__":
         fail(str(e))
     except KeyboardInterrupt:      # before the training loop took over Ctrl-C: nothing was written yet
         fail("interrupted before training started; nothing was written", code=130)
-    except (PeerLost, RuntimeError) as e:    # under torchrun: another process died or hung, this one cannot go on
-        if not peer_lost(e):
+    except (hardware.PeerLost, RuntimeError) as e:    # torchrun: another process died or hung, this one cannot go on
+        if not hardware.peer_lost(e):
             raise
-        exit_peer_lost(e)
+        hardware.exit_peer_lost(e)
