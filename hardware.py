@@ -6,8 +6,9 @@ activations (NCHW or NHWC), the timed speed probe that chooses the fastest of th
 improved-diffusion keeps these apart from the diffusion math in the same way (`dist_util.py`, `fp16_util.py`):
 `unet.py` is the network, `noise_scheduler.py` the math, and the scripts ask this module how to run them.
 `setup_distributed` gives each process that torchrun starts its device and its process group, and `on_rank_0` runs
-what rank 0 does alone while the others wait for it; `launch_id` names the torchrun launch a process belongs to, and
-`StopRequest` turns Ctrl-C and SIGTERM into a flag that training.py checks after each step.
+what rank 0 does alone while the others wait for it; `from_rank_0`, `from_every_rank` and `max_over_ranks` are the
+collectives training.py needs, `launch_id` names the torchrun launch a process belongs to, and `StopRequest` turns
+Ctrl-C and SIGTERM into a flag that training.py checks after each step.
 """
 import contextlib
 import datetime
@@ -182,6 +183,20 @@ def from_every_rank(value, world):
     values = [None] * world
     dist.all_gather_object(values, value)
     return values
+
+
+def max_over_ranks(values, device):
+    """Each of the numbers `values` at its largest over the processes, as a float64 tensor on every process: a flag
+    (False, True) that any process raised, or minus a count whose least the processes take."""
+    values = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def leave_process_group(world):
+    """At the end of a torchrun run, leave its process group (a run of one process has none)."""
+    if world > 1:
+        dist.destroy_process_group()
 
 
 def launch_id():
@@ -440,6 +455,15 @@ def training_speed(model, device, precision_option, config, master, world):
     decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
     decision = from_rank_0(decision, world)
     return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
+
+
+def on_device(images, labels, device):
+    """Training images (uint8) and their labels on a CUDA device, when they are held in memory: the whole dataset
+    lives on the GPU.  Elsewhere, or streamed from a folder, as they are."""
+    if device.type == "cuda" and isinstance(images, torch.Tensor):
+        images = images.to(device)
+        labels = labels.to(device) if labels is not None else None
+    return images, labels
 
 
 def wrap_for_training(model, device, world, compile_model=False):

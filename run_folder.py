@@ -13,8 +13,8 @@ lock that makes it one run's.
                                        once the run goes ahead: a refused --resume leaves every file as it was)
 
 training.py takes the folder with take_run_folder, asks which checkpoint of it a run continues
-(checkpoint_to_continue), and writes its logs' rows with log_epoch and log_steps.  Importing this module has no side
-effects; visualize.py reads the names of the logs from here.
+(checkpoint_to_continue), saves it with write_checkpoint, and writes its logs' rows with log_epoch and log_steps.
+Importing this module has no side effects; visualize.py reads the names of the logs from here.
 """
 import csv
 import fcntl
@@ -22,7 +22,7 @@ import os
 import tempfile
 import time
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, all_finite, load_checkpoint, save_checkpoint
 from cli import atomic_write, fail
 
 DEFAULT_OUT_DIR = "default"
@@ -154,6 +154,18 @@ def checkpoint_to_continue(ckpt_path, resume, overwrite, restart, launch):
         fail(f"{ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
              f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
     return None, False
+
+
+def write_checkpoint(ckpt_path, ckpt):
+    """Write a training run's checkpoint (checkpoint.save_checkpoint: atomically, the one before kept as
+    ddpm_ckpt.prev.pth), once its weights and EMA are known finite.  If they are not, or the write fails, the run
+    ends with one sentence, and the last good checkpoint is kept."""
+    if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):
+        fail(f"the weights are not finite at step {ckpt['step']}; the last good checkpoint {ckpt_path} is kept")
+    try:
+        save_checkpoint(ckpt, ckpt_path)
+    except CheckpointError as e:
+        fail(str(e))
 
 
 def append_csv(path, header, row):

@@ -28,13 +28,12 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import hardware
 import run_folder
-from checkpoint import CHECKPOINT_FORMAT, CheckpointError, all_finite, rng_state, save_checkpoint, set_rng_state
+from checkpoint import CHECKPOINT_FORMAT, rng_state, set_rng_state
 from cli import fail
 from dataset import NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
 from evaluate import EvalError, fid_of, reference_data
@@ -167,11 +166,9 @@ class Stop(Exception):
 
 
 class Run:
-    """A training run as main() sets it up, phase by phase: the processes and the device, the output folder (locked),
-    the checkpoint to continue and the configuration (__init__), the training images (load_data), epsilon_theta, its
-    EMA, AdamW and the noise schedule (build), on --resume their saved state (restore), and the plan and the clock
-    (start).  What the run is made of is set once; the counters that change as it trains are self.state, which
-    save() writes into the checkpoint and restore() takes back."""
+    """A training run, set up in the phases that main() calls first: __init__, load_data, build, restore, start.
+    What it is made of is set once; the counters that change as it trains are self.state, which save() writes into
+    the checkpoint and restore() takes back."""
 
     def __init__(self, args, parser):
         """Set up the run: the processes and the device, the output folder (checked and locked), the checkpoint
@@ -223,10 +220,7 @@ class Run:
         elif tuple(images.shape[1:]) != (config["in_channels"], config["image_size"], config["image_size"]):
             fail(f"the data in {args.data_dir} has images of shape {tuple(images.shape[1:])}, but the checkpoint "
                  f"was trained on {config['in_channels']}x{config['image_size']}x{config['image_size']}")
-        if self.device.type == "cuda" and isinstance(images, torch.Tensor):  # the whole dataset lives on the GPU
-            images = images.to(self.device)
-            labels = labels.to(self.device) if labels is not None else None
-        self.images, self.labels = images, labels
+        self.images, self.labels = hardware.on_device(images, labels, self.device)   # on a GPU, the whole dataset
         if args.fid_every and self.master:       # --fid-every needs the test split: fail now, not after an epoch
             try:
                 reference_data(config["dataset"], args.data_dir)
@@ -321,17 +315,9 @@ class Run:
         states = hardware.from_every_rank(rng_state(self.generator), self.world)
         self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
 
-        def write():
-            if not (all_finite(self.model.state_dict()) and all_finite(self.ema.state_dict())):
-                fail(f"the weights are not finite at step {self.state.step}; the last good checkpoint "
-                     f"{self.ckpt_path} is kept")
-            try:
-                save_checkpoint(dict(format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(),
-                                     ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(), rng=states,
-                                     launch_id=self.launch, **self.state.to_checkpoint()), self.ckpt_path)
-            except CheckpointError as e:
-                fail(str(e))
-        hardware.on_rank_0(write)
+        hardware.on_rank_0(lambda: run_folder.write_checkpoint(self.ckpt_path, dict(
+            format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(), ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(), rng=states, launch_id=self.launch, **self.state.to_checkpoint())))
 
 
 class Trainer(Run):
@@ -409,9 +395,7 @@ class Trainer(Run):
         save_due = self.next_save is not None and now >= self.next_save
         self.total_steps = planned_steps(self.epoch_steps, step, self.deadline, self.started, step - self.first_step)
         if self.world > 1:
-            flags = torch.tensor([float(by_signal), float(out_of_time), float(save_due), -float(self.total_steps)],
-                                 dtype=torch.float64, device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = hardware.max_over_ranks([by_signal, out_of_time, save_due, -self.total_steps], self.device)
             by_signal, out_of_time, save_due = (bool(flag) for flag in flags[:3])
             self.total_steps = int(-flags[3])
         if by_signal or out_of_time:
@@ -506,8 +490,7 @@ class Trainer(Run):
         if by_signal:
             self.stop_request.ignore_further()
             return self.stop_request.exit_code()
-        if self.world > 1:
-            dist.destroy_process_group()
+        hardware.leave_process_group(self.world)
         return 0
 
     def log_partial_epoch(self):
@@ -528,8 +511,7 @@ class Trainer(Run):
         if self.master:
             print(f"done: {self.state.epoch} epochs, {self.state.step} steps. Sample with: python sampling.py "
                   f"--ckpt {self.ckpt_path}")
-        if self.world > 1:
-            dist.destroy_process_group()
+        hardware.leave_process_group(self.world)
 
 
 def main(argv=None):
@@ -558,7 +540,7 @@ def main(argv=None):
     trainer.finish()
 
 
-# ---- options and configuration ----------------------------------------------------------------------------
+# ---- the options, the model's shape -----------------------------------------------------------------------
 def build_parser():
     """training.py's options (training_options.py), their help quoting DEFAULTS and the defaults above."""
     return options_parser(DEFAULTS, FID_SAMPLER, FID_SAMPLES, SAVE_EVERY_MINUTES)
