@@ -6,20 +6,25 @@ activations (NCHW or NHWC), the timed speed probe that chooses the fastest of th
 improved-diffusion keeps these apart from the diffusion math in the same way (`dist_util.py`, `fp16_util.py`):
 `unet.py` is the network, `noise_scheduler.py` the math, and the scripts ask this module how to run them.
 `setup_distributed` gives each process that torchrun starts its device and its process group, and `on_rank_0` runs
-what rank 0 does alone while the others wait for it.
+what rank 0 does alone while the others wait for it; `from_rank_0`, `from_every_rank` and `max_over_ranks` are the
+collectives training.py needs, `launch_id` names the torchrun launch a process belongs to, and `StopRequest` turns
+Ctrl-C and SIGTERM into a flag that training.py checks after each step.
 """
 import contextlib
 import datetime
 import json
 import math
 import os
+import re
+import signal
+import sys
 import threading
 import time
 
 import torch
 import torch.distributed as dist
 
-from cli import atomic_write
+from cli import atomic_write, first_line
 
 try:
     import fcntl  # the probe cache's lock (POSIX)
@@ -100,6 +105,15 @@ def peer_lost(error):
         "gloo" in text or "NCCL" in text or "Timed out" in text or "Connection" in text)
 
 
+def exit_peer_lost(error):
+    """After peer_lost(error): say in one line that this process lost the run's other processes, and why, and exit 1,
+    so that torchrun --max-restarts can restart the run from its last checkpoint."""
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(error)).split(". ")[0]   # gloo's: [its source file] what. more
+    print(f"error: process {os.environ.get('RANK', 0)} lost the run's other processes ({reason}); it exits 1, so "
+          f"that torchrun --max-restarts can restart the run from its last checkpoint", file=sys.stderr)
+    sys.exit(1)
+
+
 def on_rank_0(work):
     """work() on rank 0 alone while the other processes wait for it: its result on rank 0, None elsewhere (and
     work() itself in a run of one process, or outside setup_distributed's process group).  An FID
@@ -152,6 +166,82 @@ def on_rank_0(work):
     if store.get(f"{key}/end") != b"done":
         raise SystemExit(1)
     return None
+
+
+def from_rank_0(values, world):
+    """The list `values` as rank 0 holds it, on every process (filled in place): what rank 0 decided alone, which
+    the others wait for.  In a run of one process, `values` as it is."""
+    if world > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values
+
+
+def from_every_rank(value, world):
+    """[rank 0's value, rank 1's, ...] on every process; [value] in a run of one process."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def max_over_ranks(values, device):
+    """Each of the numbers `values` at its largest over the processes, as a float64 tensor on every process: a flag
+    (False, True) that any process raised, or minus a count whose least the processes take."""
+    values = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def leave_process_group(world):
+    """At the end of a torchrun run, leave its process group (a run of one process has none)."""
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def launch_id():
+    """The torchrun launch this process belongs to, the same in every attempt of it and in no other launch, or None
+    outside torchrun.  TORCHELASTIC_RUN_ID is torchrun's rendezvous id: a new UUID for every launch with
+    --standalone (and on one node without --master-port); where it is torchrun's default "none" (--rdzv-backend
+    static: --master-port, or several nodes without --rdzv-id), the launch is its agent process, which stays
+    the same over the restarts: the parent process, by the machine's boot, its PID and its start time."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None or run_id != "none":
+        return run_id
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{os.getppid()}/stat") as f:
+            started = f.read().rsplit(")", 1)[1].split()[19]       # field 22: the start time, in clock ticks
+    except (OSError, IndexError):
+        return None
+    return f"agent {boot} {os.getppid()} {started}"
+
+
+class StopRequest:
+    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step, so a step and a
+    checkpoint write are never cut in half.  Further signals while saving are only noted."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving the checkpoint...",
+                  file=sys.stderr, flush=True)
+        self.signum = self.signum or signum
+
+    def ignore_further(self):
+        """Once the checkpoint is saved: ignore further signals.  Python restores the default handlers while
+        it shuts down, so one more Ctrl-C then would kill the process (exit -2) instead of ending it with 130."""
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+
+    def exit_code(self):
+        """The exit code of a run the signal stopped: 128 + its number (130 for Ctrl-C, 143 for SIGTERM)."""
+        return 128 + (self.signum or signal.SIGTERM)
 
 
 def describe_device(device):
@@ -349,6 +439,42 @@ def _probe(model, device, training, batch, candidates):
             model.zero_grad(set_to_none=True)
             model.train(was_training)
             model.to(memory_format=torch.contiguous_format)
+
+
+def training_speed(model, device, precision_option, config, master, world):
+    """(precision, memory layout, why) of the training steps.  --precision auto times the candidates on this model
+    (choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and
+    layout it started with, so that it goes on bit for bit, unless a precision is forced."""
+    if precision_option == "auto" and "precision" in config:
+        return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
+
+    def probe():
+        precision, layout, note = choose_speed(model, device, precision_option, training=True,
+                                               batch_size=config["batch_size"] // world)
+        return [precision, LAYOUT_NAMES[layout], note]
+    decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
+    decision = from_rank_0(decision, world)
+    return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
+
+
+def on_device(images, labels, device):
+    """Training images (uint8) and their labels on a CUDA device, when they are held in memory: the whole dataset
+    lives on the GPU.  Elsewhere, or streamed from a folder, as they are."""
+    if device.type == "cuda" and isinstance(images, torch.Tensor):
+        images = images.to(device)
+        labels = labels.to(device) if labels is not None else None
+    return images, labels
+
+
+def wrap_for_training(model, device, world, compile_model=False):
+    """The model as the training steps call it: under torchrun in DistributedDataParallel, which averages the
+    gradients over the processes, and with --compile through torch.compile (it compiles during the first steps)."""
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_model:
+        model = torch.compile(model)
+    return model
 
 
 def compile_for_sampling(model, device):

@@ -12,6 +12,8 @@ lock that makes it one run's.
     OUT_DIR/.lock                      flock-ed by the run that owns the folder, with its PID inside (written
                                        once the run goes ahead: a refused --resume leaves every file as it was)
 
+training.py takes the folder with take_run_folder, asks which checkpoint of it a run continues
+(checkpoint_to_continue), saves it with write_checkpoint, and writes its logs' rows with log_epoch and log_steps.
 Importing this module has no side effects; visualize.py reads the names of the logs from here.
 """
 import csv
@@ -20,6 +22,7 @@ import os
 import tempfile
 import time
 
+from checkpoint import CheckpointError, all_finite, load_checkpoint, save_checkpoint
 from cli import atomic_write, fail
 
 DEFAULT_OUT_DIR = "default"
@@ -119,6 +122,57 @@ def _close_lock_file():
         _folder_lock = None
 
 
+def take_run_folder(folder, resume, master):
+    """Make the folder this run's before anything in it is read: one run per folder.  A --resume (`resume`) of a
+    folder that does not exist fails (a mistyped folder is not created); rank 0 (`master`) checks that it can write
+    there and locks it.  Returns the path of the folder's checkpoint."""
+    ckpt_path = os.path.join(folder, CKPT_NAME)
+    if resume and not os.path.isdir(folder):
+        fail(f"cannot resume: there is no checkpoint at {ckpt_path}")
+    if master:
+        check_writable(folder)
+        lock_run_folder(folder)
+    return ckpt_path
+
+
+def checkpoint_to_continue(ckpt_path, resume, overwrite, restart, launch):
+    """(The checkpoint a training run continues, or None for a new run; whether the run is a torchrun restart that
+    continues its own launch's checkpoint.)  --resume (`resume`) continues the checkpoint in --out-dir.  A torchrun
+    restart (`restart`: TORCHELASTIC_RESTART_COUNT > 0, the same command line as the attempt before) continues the
+    checkpoint its own launch saved (`launch`: hardware.launch_id), whatever the options; where its launch saved
+    none, it starts as the first attempt did: it never starts over on top of its own run, and resumes a different
+    run's checkpoint only with --resume.  Otherwise an existing checkpoint is replaced only with --overwrite."""
+    exists = os.path.exists(ckpt_path)
+    if not (resume or (restart and exists)):
+        if exists and not overwrite:
+            fail(f"{ckpt_path} already holds a training run; pass --resume to continue it, "
+                 f"--overwrite to replace it, or --out-dir to train somewhere else")
+        return None, False
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        fail(f"cannot resume: {e}")
+    own = launch is not None and ckpt.get("launch_id") == launch
+    if resume or own:
+        return ckpt, bool(restart) and own
+    if not overwrite:
+        fail(f"{ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
+             f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
+    return None, False
+
+
+def write_checkpoint(ckpt_path, ckpt):
+    """Write a training run's checkpoint (checkpoint.save_checkpoint: atomically, the one before kept as
+    ddpm_ckpt.prev.pth), once its weights and EMA are known finite.  If they are not, or the write fails, the run
+    ends with one sentence, and the last good checkpoint is kept."""
+    if not (all_finite(ckpt["model"]) and all_finite(ckpt["ema"])):
+        fail(f"the weights are not finite at step {ckpt['step']}; the last good checkpoint {ckpt_path} is kept")
+    try:
+        save_checkpoint(ckpt, ckpt_path)
+    except CheckpointError as e:
+        fail(str(e))
+
+
 def append_csv(path, header, row):
     """Append a row to a CSV file, writing the header first if the file is new."""
     new = not os.path.exists(path)
@@ -169,3 +223,24 @@ def add_missing_columns(path, header):
              f"move it away to resume")
     padding = [""] * (len(header) - len(old))
     atomic_write(path, lambda f: csv.writer(f).writerows([header] + [row + padding for row in rows[1:]]))
+
+
+def log_epoch(folder, epoch, step, mean_loss, images_per_s, seconds, fid):
+    """A row of loss_log.csv (rank 0); `fid` None leaves its column empty."""
+    append_csv(os.path.join(folder, LOSS_LOG_NAME), LOSS_LOG_HEADER,
+               [epoch, step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
+                "" if fid is None else f"{fid:.6f}"])
+
+
+def log_steps(folder, step, epoch, mean_loss, lr):
+    """A row of loss_steps.csv (rank 0), every 50 steps: the mean loss of those steps, and the rate of the last."""
+    append_csv(os.path.join(folder, STEP_LOG_NAME), STEP_LOG_HEADER, [step, epoch, f"{mean_loss:.6f}", repr(lr)])
+
+
+def resume_logs(folder, step):
+    """On --resume from `step` (and on a torchrun restart): the rows written after the checkpoint go, since the
+    resumed run writes them again, and logs of older versions get the columns added since."""
+    for log in (STEP_LOG_NAME, LOSS_LOG_NAME):
+        drop_log_rows_after(os.path.join(folder, log), step)
+    add_missing_columns(os.path.join(folder, STEP_LOG_NAME), STEP_LOG_HEADER)
+    add_missing_columns(os.path.join(folder, LOSS_LOG_NAME), LOSS_LOG_HEADER)

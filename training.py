@@ -17,75 +17,33 @@ Under torchrun --max-restarts, a restarted attempt resumes the checkpoint its ow
 that stops answering makes the others fail after --dist-timeout, so that torchrun restarts them.
 
 Reading order: algorithm 1's pieces (diffusion_loss, learning_rate, ema_update), then the run that repeats them
-(RunState, Trainer, main), then its machinery: options, signals, the speed probe, the plan and the sample grids.
+(RunState; Run, its set-up; Trainer, its loop; main), then its options, its plan and its sample grids.  The machinery
+is called by its module: hardware.py (processes, signals, speed probe), run_folder.py (the folder, lock, logs).
 """
-import argparse
 import copy
 import dataclasses
 import math
 import os
-import re
-import signal
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    all_finite,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from cli import (
-    add_device_options,
-    fail,
-    first_line,
-    fraction,
-    int_list,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
-from dataset import DATASETS, NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
-from evaluate import EvalError, fid_of, reference_data
-from hardware import (
-    DIST_TIMEOUT_MINUTES,
-    LAYOUT_NAMES,
-    LAYOUT_NAMES_INV,
-    PeerLost,
-    autocast,
-    choose_speed,
-    memory_format,
-    on_rank_0,
-    peer_lost,
-    setup_distributed,
-)
-from noise_scheduler import P_MEAN, P_STD, PREDICTIONS, SCHEDULES, SPEED_RATIO, TIMESTEP_SAMPLINGS, make_scheduler
-from run_folder import (
-    CKPT_NAME,
-    DEFAULT_OUT_DIR,
-    LOSS_LOG_HEADER,
-    LOSS_LOG_NAME,
-    STEP_LOG_HEADER,
-    STEP_LOG_NAME,
-    add_missing_columns,
-    append_csv,
-    check_writable,
-    claim_run_folder,
-    drop_log_rows_after,
-    lock_run_folder,
-)
+import hardware
+import run_folder
+from checkpoint import CHECKPOINT_FORMAT, rng_state, set_rng_state
+from cli import fail, show_log
+from dataset import NATURAL_IMAGES, DataError, epoch_batches, load_dataset, random_hflip, to_model_range
+from evaluate import fid_of, reference_data
+from fid import EvalError
+from noise_scheduler import make_scheduler
 from samplers import DEFAULT_GUIDANCE, FID_SAMPLER
-from sampling import Pipeline, generate, model_config, save_grid
+from sampling import Pipeline, generate, model_config
+from training_options import options_parser, resolve_config
 from unet import UNet
+from visualize import save_grid
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
 # min_snr_gamma is 20, not Hang et al.'s 5: the few-step samplers gained with either, but with 5 the 1000-step DDPM
@@ -98,10 +56,7 @@ DEFAULTS = dict(
     preview_steps=20, adam_beta2=0.999,
 )
 # conditional None: class-conditional when the training images have labels (MNIST, Fashion-MNIST, CIFAR-10, a folder
-# of class sub-folders), the paper's unconditional model otherwise.  A short run learns more from labelled images:
-# after 936 steps on Fashion-MNIST, FID 9.3 / 10.7 (20 Restart evaluations, no guidance) against 20.7 / 19.8 for the
-# unconditional model; after 880 steps on scikit-learn's digits 35.5 / 42.7 against 39.5 / 44.1 (docs/experiments.md,
-# Class labels).
+# of class sub-folders), the paper's unconditional model otherwise (docs/experiments.md, Class labels, measures both).
 # What a checkpoint written before these options existed was trained with.
 LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0, prediction="eps",
                      timestep_sampling="uniform", adam_beta2=0.999, conditional=False)
@@ -109,15 +64,13 @@ LEGACY_CONFIG = dict(lr_schedule="constant", loss="plain", min_snr_gamma=5.0, pr
 RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed", "base_channels", "channel_mults",
             "num_res_blocks", "dropout", "schedule", "num_timesteps", "ema_decay", "conditional", "label_dropout",
             "lr_schedule", "loss", "min_snr_gamma", "prediction", "timestep_sampling", "adam_beta2")
-LR_SCHEDULES = ("linear", "constant")
-LOSSES = ("plain", "min-snr")
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
 # One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on
 # a 2-core AMD EPYC (docs/experiments.md, Speed and memory): every 5 minutes that is 0.03% of the run, and a
 # SIGKILL loses at most 5 minutes.
 SAVE_EVERY_MINUTES = 5.0
-# --fid-every: FID of FID_SAMPLES images drawn by sampling.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
+# --fid-every: FID of FID_SAMPLES images drawn by samplers.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
 # against the test split, with the self-trained classifier's features: what `evaluate.py --sampler restart --steps
 # 20 --precision fp32 --features classifier` prints for the checkpoint.  Its time is not training time (the deadline
 # of --max-minutes moves on by it), but it lengthens the run and needs a test split: off by default
@@ -146,7 +99,7 @@ def diffusion_loss(net, scheduler, x0, labels=None, *, generator=None, precision
     if labels is not None:
         drop = torch.rand(len(x0), generator=generator, device=device) < label_dropout
         labels = torch.where(drop, torch.full_like(labels, null_label), labels)
-    with autocast(device, precision):
+    with hardware.autocast(device, precision):
         output = net(scheduler.model_input(x_t, t), t, labels)                # (c_in x_t for edm)
     target = scheduler.target(x0, noise, t)
     if min_snr_gamma is None:
@@ -212,10 +165,10 @@ class Stop(Exception):
         self.by_signal = by_signal
 
 
-class Trainer:
-    """One training run, in the phases that main() calls in turn.  What the run is made of (options, processes,
-    data, model, EMA, optimizer, schedule, plan) is set once; the counters that change as it trains are
-    self.state, which save() writes into the checkpoint and restore() takes back."""
+class Run:
+    """A training run, set up in the phases that main() calls first: __init__, load_data, build, restore, start.
+    What it is made of is set once; the counters that change as it trains are self.state, which save() writes into
+    the checkpoint and restore() takes back."""
 
     def __init__(self, args, parser):
         """Set up the run: the processes and the device, the output folder (checked and locked), the checkpoint
@@ -224,55 +177,22 @@ class Trainer:
         if args.resume and args.overwrite:
             parser.error("--resume and --overwrite exclude each other")
         try:
-            self.rank, self.world, self.device = setup_distributed(args.device, args.dist_timeout)
+            self.rank, self.world, self.device = hardware.setup_distributed(args.device, args.dist_timeout)
         except ValueError as e:
             parser.error(str(e))
         self.args, self.parser, self.master = args, parser, self.rank == 0
-        self.ckpt_path = os.path.join(args.out_dir, CKPT_NAME)
-        if args.resume and not os.path.isdir(args.out_dir):     # a mistyped folder is not created
-            fail(f"cannot resume: there is no checkpoint at {self.ckpt_path}")
-        if self.master:      # the folder is this run's before anything in it is read: one run per folder
-            check_writable(args.out_dir)
-            lock_run_folder(args.out_dir)
-        self.launch = launch_id()
-        if self.world > 1:   # the other processes wait for it, and take its launch id
-            shared = [self.launch]
-            dist.broadcast_object_list(shared, src=0)
-            self.launch = shared[0]
+        self.ckpt_path = run_folder.take_run_folder(args.out_dir, args.resume, self.master)   # one run per folder
+        # The other processes wait for rank 0 to hold the folder, and take its launch id.
+        self.launch = hardware.from_rank_0([hardware.launch_id()], self.world)[0]
         self.restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))    # torchrun's attempt: 0, 1, ...
-        self.ckpt, self.restarted = self.checkpoint_to_continue(), False
-        if self.ckpt is not None and self.restart and self.launch is not None:
-            self.restarted = self.ckpt.get("launch_id") == self.launch
-        self.config = resolve_config(args, parser, self.ckpt)
+        self.ckpt, self.restarted = run_folder.checkpoint_to_continue(self.ckpt_path, args.resume, args.overwrite,
+                                                                       self.restart, self.launch)
+        self.config = resolve_config(args, parser, self.ckpt, DEFAULTS, LEGACY_CONFIG, RUN_KEYS)
         if self.config["batch_size"] % self.world:
             parser.error(f"--batch-size {self.config['batch_size']} does not divide over {self.world} processes")
         if self.master:
-            claim_run_folder()                       # the run goes ahead: its PID goes into the lock file
+            run_folder.claim_run_folder()                       # the run goes ahead: its PID goes into the lock file
         self.state = RunState()
-
-    def checkpoint_to_continue(self):
-        """The checkpoint this run continues, or None for a new run.  --resume continues the checkpoint in
-        --out-dir.  A torchrun restart (TORCHELASTIC_RESTART_COUNT > 0, the same command line as the attempt
-        before) continues the checkpoint its own launch saved (launch_id), whatever the options; where its
-        launch saved none, it starts as the first attempt did: it never starts over on top of its own run, and
-        resumes a different run's checkpoint only with --resume."""
-        args = self.args
-        exists = os.path.exists(self.ckpt_path)
-        if not (args.resume or (self.restart and exists)):
-            if exists and not args.overwrite:
-                fail(f"{self.ckpt_path} already holds a training run; pass --resume to continue it, "
-                     f"--overwrite to replace it, or --out-dir to train somewhere else")
-            return None
-        try:
-            ckpt = load_checkpoint(self.ckpt_path)
-        except CheckpointError as e:
-            fail(f"cannot resume: {e}")
-        if args.resume or (self.launch is not None and ckpt.get("launch_id") == self.launch):
-            return ckpt
-        if not args.overwrite:
-            fail(f"{self.ckpt_path} already holds a training run, not one of this torchrun launch; pass --resume "
-                 f"to continue it, --overwrite to replace it, or --out-dir to train somewhere else")
-        return None
 
     def load_data(self):
         """The training images that x_0 ~ q(x_0) draws from (uint8, in memory or streamed from a folder) and their
@@ -300,10 +220,7 @@ class Trainer:
         elif tuple(images.shape[1:]) != (config["in_channels"], config["image_size"], config["image_size"]):
             fail(f"the data in {args.data_dir} has images of shape {tuple(images.shape[1:])}, but the checkpoint "
                  f"was trained on {config['in_channels']}x{config['image_size']}x{config['image_size']}")
-        if self.device.type == "cuda" and isinstance(images, torch.Tensor):  # the whole dataset lives on the GPU
-            images = images.to(self.device)
-            labels = labels.to(self.device) if labels is not None else None
-        self.images, self.labels = images, labels
+        self.images, self.labels = hardware.on_device(images, labels, self.device)   # on a GPU, the whole dataset
         if args.fid_every and self.master:       # --fid-every needs the test split: fail now, not after an epoch
             try:
                 reference_data(config["dataset"], args.data_dir)
@@ -319,11 +236,12 @@ class Trainer:
             self.model = UNet(**model_config(config)).to(device)
         except ValueError as e:
             self.parser.error(str(e))
-        self.precision, layout, self.speed_note = training_speed(self.model, device, self.args.precision, config,
-                                                                 self.master, self.world)
+        self.precision, layout, self.speed_note = hardware.training_speed(self.model, device, self.args.precision,
+                                                                          config, self.master, self.world)
         self.model.to(memory_format=layout)
-        config.update(precision=self.precision, memory_format=LAYOUT_NAMES[layout])
-        self.ema = copy.deepcopy(self.model).to(memory_format=memory_format(device)).eval().requires_grad_(False)
+        config.update(precision=self.precision, memory_format=hardware.LAYOUT_NAMES[layout])
+        self.ema = copy.deepcopy(self.model).to(memory_format=hardware.memory_format(device)).eval()
+        self.ema.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
                                            weight_decay=0.0)
         self.scheduler = make_scheduler(config["schedule"], config["num_timesteps"], config["prediction"],
@@ -356,22 +274,14 @@ class Trainer:
             mine = f", which this launch saved after {s.launch_seconds:.1f} s of training" if self.restarted else ""
             print(f"{restart}resuming {self.ckpt_path}{mine}: epoch {s.epoch + 1}, batch {s.batch_in_epoch}, "
                   f"step {s.step}")
-            for log in (STEP_LOG_NAME, LOSS_LOG_NAME):       # rows written after the checkpoint are written again
-                drop_log_rows_after(os.path.join(self.args.out_dir, log), s.step)
-            add_missing_columns(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER)   # logs of older
-            add_missing_columns(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER)   # versions
+            run_folder.resume_logs(self.args.out_dir, s.step)   # rows after the checkpoint go; old logs get new columns
 
     def start(self):
         """Wrap the model for training (DDP, torch.compile), take over Ctrl-C and SIGTERM, plan the run (its
         epochs, or its minutes, and the timed saves) and say what it is."""
         args, config = self.args, self.config
-        self.train_model = self.model
-        if self.world > 1:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if args.compile:
-            self.train_model = torch.compile(self.train_model)
-        self.stop_request = StopRequest()
+        self.train_model = hardware.wrap_for_training(self.model, self.device, self.world, args.compile)
+        self.stop_request = hardware.StopRequest()
         self.batches_per_epoch = self.images.shape[0] // config["batch_size"]
         if self.batches_per_epoch == 0:
             fail(f"the dataset has {self.images.shape[0]} images, fewer than one batch of {config['batch_size']}")
@@ -396,8 +306,24 @@ class Trainer:
         self.fid_clock = time.monotonic()        # state.fid_seconds counts the training time from here
         if args.fid_every and self.master:
             print(f"--fid-every {args.fid_every:g}: the FID at N = {args.fid_samples} ({FID_SAMPLER[1]}-step "
-                  f"{FID_SAMPLER[0]}, classifier features) goes into {LOSS_LOG_NAME} at the first epoch end after "
-                  f"every {args.fid_every:g} minutes of training and at the last")
+                  f"{FID_SAMPLER[0]}, classifier features) goes into {run_folder.LOSS_LOG_NAME} at the first epoch "
+                  f"end after every {args.fid_every:g} minutes of training and at the last")
+
+    def save(self):
+        """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
+        with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
+        states = hardware.from_every_rank(rng_state(self.generator), self.world)
+        self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
+
+        hardware.on_rank_0(lambda: run_folder.write_checkpoint(self.ckpt_path, dict(
+            format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(), ema=self.ema.state_dict(),
+            optimizer=self.optimizer.state_dict(), rng=states, launch_id=self.launch, **self.state.to_checkpoint())))
+
+
+class Trainer(Run):
+    """The loop of algorithm 1 over the run: epochs of steps (train_epoch, train_step, record), a stop or a timed
+    save after a step (after_step), and at each epoch's end loss_log.csv, the checkpoint and, when due, the FID and a
+    grid of samples from the EMA weights (end_epoch, fid_if_due, preview_if_due); stop() or finish() ends it."""
 
     def train_epoch(self):
         """Algorithm 1 over the rest of this epoch's batches.  Returns the seconds it took and the images per
@@ -456,10 +382,9 @@ class Trainer:
         s.loss_sum, s.loss_count = s.loss_sum + loss, s.loss_count + 1
         s.window_sum, s.window_count = s.window_sum + loss, s.window_count + 1
         if s.step % STEP_LOG_EVERY == 0:
-            if self.master:
-                append_csv(os.path.join(self.args.out_dir, STEP_LOG_NAME), STEP_LOG_HEADER,     # lr: the rate of
-                           [s.step, s.epoch + 1, f"{s.window_sum / s.window_count:.6f}",          # this step
-                            repr(self.optimizer.param_groups[0]["lr"])])
+            if self.master:                                                   # lr: the rate of this step
+                run_folder.log_steps(self.args.out_dir, s.step, s.epoch + 1, s.window_sum / s.window_count,
+                          self.optimizer.param_groups[0]["lr"])
             s.window_sum, s.window_count = 0.0, 0
 
     def after_step(self):
@@ -470,9 +395,7 @@ class Trainer:
         save_due = self.next_save is not None and now >= self.next_save
         self.total_steps = planned_steps(self.epoch_steps, step, self.deadline, self.started, step - self.first_step)
         if self.world > 1:
-            flags = torch.tensor([float(by_signal), float(out_of_time), float(save_due), -float(self.total_steps)],
-                                 dtype=torch.float64, device=self.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = hardware.max_over_ranks([by_signal, out_of_time, save_due, -self.total_steps], self.device)
             by_signal, out_of_time, save_due = (bool(flag) for flag in flags[:3])
             self.total_steps = int(-flags[3])
         if by_signal or out_of_time:
@@ -489,11 +412,11 @@ class Trainer:
         s.epoch, s.batch_in_epoch, s.loss_sum, s.loss_count = s.epoch + 1, 0, 0.0, 0
         fid = self.fid_if_due()
         if self.master:     # the row before the save: after a kill between them, --resume drops it and writes it again
-            self.log_epoch(s.epoch, mean_loss, images_per_s, seconds, fid)
+            run_folder.log_epoch(self.args.out_dir, s.epoch, s.step, mean_loss, images_per_s, seconds, fid)
         self.save()
         if self.save_every:
             self.next_save = time.monotonic() + self.save_every
-        grid = on_rank_0(self.preview_if_due)
+        grid = hardware.on_rank_0(self.preview_if_due)
         if self.master:
             print(f"epoch {s.epoch}: loss {mean_loss:.4f}, {images_per_s:.0f} img/s"
                   + ("" if fid is None else f", FID {fid:.2f}") + f", saved {self.ckpt_path}"
@@ -509,10 +432,8 @@ class Trainer:
         s.fid_seconds, self.fid_clock = s.fid_seconds + now - self.fid_clock, now
         if not args.fid_every:
             return None
-        due = [s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last]
-        if self.world > 1:       # rank 0's clock decides for all: the others wait for the measurement it makes
-            dist.broadcast_object_list(due, src=0)
-        if not due[0]:
+        due = s.fid_seconds >= 60 * args.fid_every or s.epoch == self.last_epoch or last
+        if not hardware.from_rank_0([due], self.world)[0]:    # rank 0's clock decides; the others wait for its FID
             return None
 
         def measure():
@@ -529,7 +450,7 @@ class Trainer:
                   f"{time.monotonic() - start:.1f} s")
             return fid
         measuring = time.monotonic()
-        fid = on_rank_0(measure)
+        fid = hardware.on_rank_0(measure)
         # The measurement is not training: the run's clock (its pace, its deadline, the launch's minutes spent)
         # moves on by what it took, so --max-minutes M trains M minutes with or without --fid-every.
         measured = time.monotonic() - measuring
@@ -554,28 +475,6 @@ class Trainer:
         self.preview_seconds = self.last_preview - preview_start
         return grid
 
-    def save(self):
-        """Gather every process's random state; rank 0 writes the checkpoint, once the weights are known finite,
-        with this launch's id and training time, and keeps the one before as OUT_DIR/ddpm_ckpt.prev.pth."""
-        states = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(states, rng_state(self.generator))
-        else:
-            states = [rng_state(self.generator)]
-        self.state.launch_seconds = self.launch_seconds + time.monotonic() - self.started
-
-        def write():
-            if not (all_finite(self.model.state_dict()) and all_finite(self.ema.state_dict())):
-                fail(f"the weights are not finite at step {self.state.step}; the last good checkpoint "
-                     f"{self.ckpt_path} is kept")
-            try:
-                save_checkpoint(dict(format=CHECKPOINT_FORMAT, config=self.config, model=self.model.state_dict(),
-                                     ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict(), rng=states,
-                                     launch_id=self.launch, **self.state.to_checkpoint()), self.ckpt_path)
-            except CheckpointError as e:
-                fail(str(e))
-        on_rank_0(write)
-
     def stop(self, by_signal):
         """Save the position inside the epoch and say how to continue.  Returns the exit code: 128 + the signal's
         number after a signal (130 for Ctrl-C, 143 for SIGTERM), 0 when --max-minutes ran out."""
@@ -590,16 +489,9 @@ class Trainer:
                   f"{self.args.out_dir}", file=sys.stderr if by_signal else sys.stdout)
         if by_signal:
             self.stop_request.ignore_further()
-            return 128 + (self.stop_request.signum or signal.SIGTERM)
-        if self.world > 1:
-            dist.destroy_process_group()
+            return self.stop_request.exit_code()
+        hardware.leave_process_group(self.world)
         return 0
-
-    def log_epoch(self, epoch, mean_loss, images_per_s, seconds, fid):
-        """A row of loss_log.csv (rank 0)."""
-        append_csv(os.path.join(self.args.out_dir, LOSS_LOG_NAME), LOSS_LOG_HEADER,
-                   [epoch, self.state.step, f"{mean_loss:.6f}", f"{images_per_s:.1f}", f"{seconds:.1f}",
-                    "" if fid is None else f"{fid:.6f}"])
 
     def log_partial_epoch(self):
         """--fid-every when --max-minutes ends the run mid-epoch: the FID of the run's end, in a row of loss_log.csv
@@ -610,16 +502,16 @@ class Trainer:
         seconds = time.perf_counter() - started                      # the training's time, before the measurement
         fid = self.fid_if_due(last=True)
         if self.master and s.loss_count:
-            self.log_epoch(f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}", s.loss_sum / s.loss_count,
-                           (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds, seconds, fid)
+            run_folder.log_epoch(self.args.out_dir, f"{s.epoch + s.batch_in_epoch / self.batches_per_epoch:.2f}",
+                                 s.step, s.loss_sum / s.loss_count,
+                                 (s.batch_in_epoch - first_batch) * self.config["batch_size"] / seconds, seconds, fid)
 
     def finish(self):
         """The run's epochs are done: say so, and leave torchrun's process group."""
         if self.master:
             print(f"done: {self.state.epoch} epochs, {self.state.step} steps. Sample with: python sampling.py "
                   f"--ckpt {self.ckpt_path}")
-        if self.world > 1:
-            dist.destroy_process_group()
+        hardware.leave_process_group(self.world)
 
 
 def main(argv=None):
@@ -627,6 +519,7 @@ def main(argv=None):
     eps ~ N(0, I); a gradient step on w(t) ||eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t)||^2
     }, with w(t) = min(SNR(t), gamma) / SNR(t) by default (--loss min-snr, gamma = --min-snr-gamma), or 1, the
     paper's objective (--loss plain)."""
+    show_log()
     parser = build_parser()
     trainer = Trainer(parser.parse_args(argv), parser)    # processes, device, the locked output folder, the config
     trainer.load_data()                                   # the training images
@@ -648,102 +541,10 @@ def main(argv=None):
     trainer.finish()
 
 
-# ---- options and configuration ----------------------------------------------------------------------------
+# ---- the options, the model's shape -----------------------------------------------------------------------
 def build_parser():
-    d = DEFAULTS
-    p = argparse.ArgumentParser(description="Train a DDPM (Ho et al., 2020).", argument_default=None)
-    a = p.add_argument
-    a("--dataset", choices=DATASETS, help=f"training data (default {d['dataset']}); folder: every image below "
-      f"--data-dir")
-    a("--image-size", type=positive_int, help="side of the square images, for --dataset folder (default 32)")
-    a("--epochs", type=positive_int, help=f"total epochs of the run (default {d['epochs']}, unless --max-minutes is "
-      f"given alone); raise it with --resume to train longer")
-    a("--batch-size", type=positive_int, help=f"images per optimizer step, over all processes (default "
-      f"{d['batch_size']})")
-    a("--lr", type=positive_float, help=f"AdamW learning rate (default {d['lr']})")
-    a("--adam-beta2", type=fraction, help=f"AdamW's beta2, the decay of its average of squared gradients (default "
-      f"{d['adam_beta2']})")
-    a("--warmup-steps", type=non_negative_int, help=f"linear learning-rate warm-up (default {d['warmup_steps']})")
-    a("--lr-schedule", choices=LR_SCHEDULES, help=f"after the warm-up: linear (decay to zero at the end of the run, "
-      f"which --epochs or --max-minutes sets) or constant (default {d['lr_schedule']})")
-    a("--loss", choices=LOSSES, help=f"min-snr: each timestep's term weighted by min(SNR, gamma) / SNR (Hang et al., "
-      f"2023; gamma: --min-snr-gamma); plain: the paper's simple objective (default {d['loss']})")
-    a("--prediction", choices=PREDICTIONS, help=f"what the network predicts: eps (the paper's noise), v (the velocity "
-      f"alpha_t eps - sigma_t x_0), x0, or edm (Karras et al., 2022's preconditioning, with sigma_data measured on "
-      f"the training images; with --loss plain, their loss weighting) (default {d['prediction']})")
-    a("--min-snr-gamma", type=positive_float, help=f"gamma of --loss min-snr (default {d['min_snr_gamma']:g})")
-    a("--timestep-sampling", choices=TIMESTEP_SAMPLINGS, help=f"how training draws t: uniform (the paper's), "
-      f"stratified (uniform, each batch spread evenly over the timesteps: Kingma et al., 2021), speed (SpeeD's "
-      f"asymmetric sampling, Wang et al., 2024: the timesteps where x_t is nearly pure noise drawn "
-      f"{SPEED_RATIO:g} times less often) or lognormal (EDM's: ln(sigma_t / alpha_t) ~ N({P_MEAN:g}, {P_STD:g}^2)) "
-      f"(default {d['timestep_sampling']})")
-    a("--seed", type=int, help=f"random seed (default {d['seed']})")
-    a("--channels", dest="base_channels", type=positive_int, help=f"U-Net width: channels of the first level "
-      f"(default {d['base_channels']})")
-    a("--channel-mults", type=int_list, help="width multiplier of each resolution level (default: 1,2,2 "
-      "for 28x28 images, 1,2,2,2 up to 64x64, 1,1,2,2,4 above)")
-    a("--num-res-blocks", type=positive_int, help=f"residual blocks per level (default {d['num_res_blocks']})")
-    a("--dropout", type=fraction, help=f"dropout in the residual blocks (default {d['dropout']})")
-    a("--schedule", choices=list(SCHEDULES), help=f"noise schedule (default {d['schedule']})")
-    a("--num-timesteps", type=positive_int, help=f"diffusion steps T (default {d['num_timesteps']})")
-    a("--ema-decay", type=fraction, help=f"largest EMA decay, reached after warm-up (default {d['ema_decay']})")
-    a("--conditional", action="store_const", const=True, help="class-conditional model, for classifier-free guidance "
-      "(the default when the training images have labels)")
-    a("--unconditional", dest="conditional", action="store_const", const=False, help="the paper's unconditional "
-      "model, even when the training images have labels")
-    a("--label-dropout", type=fraction, help=f"probability of training with the 'no label' token (default "
-      f"{d['label_dropout']})")
-    a("--preview-samples", type=non_negative_int, help="images in each epoch's sample grid, 0 for none (default 100)")
-    a("--preview-steps", type=positive_int, help="SDE-DPM-Solver++ steps for the epoch grids (default 20)")
-    add_device_options(p, "auto: the faster of bf16 and fp32 (and of the NCHW and NHWC layouts), timed on this "
-                       "device at start-up; a resumed run keeps the precision it started with")
-    a("--compile", action="store_true", help="torch.compile the model (it compiles during the first steps)")
-    a("--data-dir", default="data", help="dataset folder (default data)")
-    a("--stream", action="store_true", help="--dataset folder: decode the images from disk batch by batch instead of "
-      "holding them in memory (the default for folders above 1 GiB of decoded pixels)")
-    a("--workers", type=non_negative_int, help="DataLoader processes that decode a folder dataset "
-      "(default: the CPU count, at most 8; none for folders under 2,000 images)")
-    a("--out-dir", default=DEFAULT_OUT_DIR, help="checkpoint, samples and loss log folder (default default)")
-    a("--resume", action="store_true", help=f"continue the run in OUT_DIR/{CKPT_NAME}")
-    a("--overwrite", action="store_true", help=f"start a new run even if OUT_DIR/{CKPT_NAME} exists (it is replaced)")
-    a("--max-minutes", type=positive_float, help="train for this many minutes, however many epochs that is (with "
-      "--epochs too: whichever ends first; with --lr-schedule linear the rate reaches zero at the end); the "
-      "checkpoint is saved mid-epoch (exit 0), and --resume --max-minutes M trains M minutes more")
-    a("--fid-every", type=non_negative_float, default=0.0, metavar="MINUTES", help="measure the FID (N = "
-      f"--fid-samples, {FID_SAMPLER[1]}-step {FID_SAMPLER[0]}, the classifier's features, as evaluate.py) at the first "
-      "epoch end after every MINUTES of training and at the end of the run, into the fid column of "
-      f"{LOSS_LOG_NAME}; its time does not count against --max-minutes; 0: never (the default)")
-    a("--fid-samples", type=positive_int, default=FID_SAMPLES, help=f"N of --fid-every (default {FID_SAMPLES})")
-    a("--save-every-minutes", type=non_negative_float, default=SAVE_EVERY_MINUTES, help="also save the checkpoint "
-      f"mid-epoch every this many minutes, so a crash or SIGKILL loses at most that much training; 0 for only "
-      f"at the end of each epoch (default {SAVE_EVERY_MINUTES:g})")
-    a("--dist-timeout", type=positive_float, default=DIST_TIMEOUT_MINUTES, metavar="MINUTES", help="under torchrun: "
-      "a process that has waited this long in a collective for another (dead, stopped, hung) fails, so that "
-      "torchrun --max-restarts restarts the run from its last checkpoint; inside a collective the processes only "
-      "wait for each other's step, and for what rank 0 does alone (the speed probe, a checkpoint write, a sample "
-      "grid, an FID measurement) the others wait as long as rank 0 lives (default "
-      f"{DIST_TIMEOUT_MINUTES:g}; gloo's own is 30)")
-    return p
-
-
-def resolve_config(args, parser, ckpt):
-    """Defaults, then the checkpoint's configuration (on --resume), then the options given."""
-    given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    if ckpt is None:
-        return {**DEFAULTS, **given}
-    config = {**DEFAULTS, **LEGACY_CONFIG, **ckpt["config"]}
-    flag = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-
-    def option(k, value):
-        return ("--conditional" if value else "--unconditional") if k == "conditional" else f"{flag[k]} {value}"
-    differ = [f"{option(k, given[k])} (checkpoint: "
-              f"{option(k, config.get(k)) if k == 'conditional' else config.get(k)})"
-              for k in RUN_KEYS if k in given and given[k] != config.get(k)]
-    if differ:
-        parser.error("--resume continues the run in the checkpoint, but these options contradict it: "
-                     + "; ".join(differ))
-    config.update({k: v for k, v in given.items() if k not in RUN_KEYS})    # epochs, previews
-    return config
+    """training.py's options (training_options.py), their help quoting DEFAULTS and the defaults above."""
+    return options_parser(DEFAULTS, FID_SAMPLER, FID_SAMPLES, SAVE_EVERY_MINUTES)
 
 
 def data_std(images, limit=10_000):
@@ -762,65 +563,6 @@ def model_shape(in_channels, image_size, channel_mults=None):
     attention = [r for r in resolutions if r <= max(8, image_size // 4)] or [resolutions[-1]]
     return dict(in_channels=in_channels, image_size=image_size, channel_mults=list(channel_mults),
                 attention_resolutions=attention, num_heads=4)
-
-
-# ---- signals and the speed probe ---------------------------------------------------------------------------
-class StopRequest:
-    """Turns SIGINT / SIGTERM into a flag the training loop checks after each step, so a step and a
-    checkpoint write are never cut in half.  Further signals while saving are only noted."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            print(f"\n{signal.Signals(signum).name} received: finishing this step and saving the checkpoint...",
-                  file=sys.stderr, flush=True)
-        self.signum = self.signum or signum
-
-    def ignore_further(self):
-        """Once the checkpoint is saved: ignore further signals.  Python restores the default handlers while
-        it shuts down, so one more Ctrl-C then would kill the process (exit -2) instead of ending it with 130."""
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-
-
-def training_speed(model, device, precision_option, config, master, world):
-    """(precision, memory layout, why) of the training steps.  --precision auto times the candidates on this model
-    (hardware.choose_speed), on rank 0, which tells the other processes; a resumed run keeps the precision and
-    layout it started with, so that it goes on bit for bit, unless a precision is forced."""
-    if precision_option == "auto" and "precision" in config:
-        return config["precision"], LAYOUT_NAMES_INV[config["memory_format"]], "as the run started"
-
-    def probe():
-        precision, layout, note = choose_speed(model, device, precision_option, training=True,
-                                               batch_size=config["batch_size"] // world)
-        return [precision, LAYOUT_NAMES[layout], note]
-    decision = on_rank_0(probe) or [None, None, None]     # the others wait for it, however long it takes
-    if world > 1:
-        dist.broadcast_object_list(decision, src=0)
-    return decision[0], LAYOUT_NAMES_INV[decision[1]], decision[2]
-
-
-def launch_id():
-    """The torchrun launch this process belongs to, the same in every attempt of it and in no other launch, or None
-    outside torchrun.  TORCHELASTIC_RUN_ID is torchrun's rendezvous id: a new UUID for every launch with
-    --standalone (and on one node without --master-port); where it is torchrun's default "none" (--rdzv-backend
-    static: --master-port, or several nodes without --rdzv-id), the launch is its agent process, which stays
-    the same over the restarts: the parent process, by the machine's boot, its PID and its start time."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id is None or run_id != "none":
-        return run_id
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        with open(f"/proc/{os.getppid()}/stat") as f:
-            started = f.read().rsplit(")", 1)[1].split()[19]       # field 22: the start time, in clock ticks
-    except (OSError, IndexError):
-        return None
-    return f"agent {boot} {os.getppid()} {started}"
 
 
 # ---- the run's length, the sample grids -------------------------------------------------------------------
@@ -851,10 +593,7 @@ if __name__ == "__main__":
         fail(str(e))
     except KeyboardInterrupt:      # before the training loop took over Ctrl-C: nothing was written yet
         fail("interrupted before training started; nothing was written", code=130)
-    except (PeerLost, RuntimeError) as e:    # under torchrun: another process died or hung, this one cannot go on
-        if not peer_lost(e):
+    except (hardware.PeerLost, RuntimeError) as e:    # torchrun: another process died or hung, this one cannot go on
+        if not hardware.peer_lost(e):
             raise
-        reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(e)).split(". ")[0]   # gloo's: [its source file] what. more
-        print(f"error: process {os.environ.get('RANK', 0)} lost the run's other processes ({reason}); it exits 1, so "
-              f"that torchrun --max-restarts can restart the run from its last checkpoint", file=sys.stderr)
-        sys.exit(1)
+        hardware.exit_peer_lost(e)
