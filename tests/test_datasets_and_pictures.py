@@ -128,6 +128,7 @@ def test_fashion_mnist_from_gz_files(tmp_path):
     assert images.shape == (20, 1, 28, 28) and len(labels) == 20
 
 
+@pytest.mark.slow
 def test_cifar10_not_found_says_where_to_put_it(tmp_path):
     result = run_script("training.py", "--dataset", "cifar10", "--data-dir", tmp_path, "--out-dir", tmp_path / "o",
                         check=False)
@@ -192,6 +193,7 @@ def test_forward_grid_columns_follow_the_closed_form():
     assert torch.allclose(grid[:, 0], torch.ones(2, 1, 4, 4), atol=0.05)           # t = 0: almost the image
 
 
+@pytest.mark.slow
 def test_visualize_fid_draws_each_run_against_its_minutes_of_training(tmp_path):
     """The minutes are the running sum of the epochs' training seconds; epochs without a FID add their time."""
     from visualize import plot_fid

@@ -41,6 +41,7 @@ def test_torchrun_trains_resumes_and_the_checkpoint_samples(data_dir, tmp_path):
     assert (tmp_path / "s" / "x0_0.png").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_with_fid_every_measures_once_on_rank_0(data_dir, tmp_path):
     """--fid-every under torchrun: rank 0 measures (and says so once) while rank 1 waits at the barrier; both go on
     to save and exit 0, and the row holds the figure."""

@@ -158,6 +158,7 @@ def test_inception_without_its_weights_is_one_sentence_and_exit_1(case, offline_
     assert not os.path.exists(tmp_path / "mnist_classifier.pth")        # failed before training anything
 
 
+@pytest.mark.slow
 def test_inception_without_its_weights_exits_1_as_a_script(data_dir, tmp_path, monkeypatch):
     """The user's view: exit 1, that sentence alone on stderr, nothing on stdout (run_script sends any download to
     a closed local port, so this never reaches the network either)."""

@@ -22,7 +22,6 @@ def exported(good_checkpoint, tmp_path_factory):
     return out
 
 
-@pytest.mark.slow
 def test_the_file_holds_the_ema_weights_and_the_configuration(good_checkpoint, exported):
     ckpt = load_checkpoint(good_checkpoint)
     with safe_open(str(exported), framework="pt") as f:
@@ -97,6 +96,7 @@ def test_a_safetensors_file_is_recognised_by_its_content_whatever_its_name(expor
     assert load_model(str(renamed), "cpu", "fp32").config == load_model(str(exported), "cpu", "fp32").config
 
 
+@pytest.mark.slow
 def test_export_refuses_a_missing_checkpoint_and_to_overwrite_the_checkpoint(good_checkpoint, tmp_path):
     missing = run_script("export.py", "--ckpt", tmp_path / "none.pth", "--out", tmp_path / "m.safetensors",
                          check=False)

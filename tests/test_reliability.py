@@ -59,6 +59,7 @@ def test_signal_saves_mid_epoch_and_resume_is_bit_exact(data_dir, tmp_path, sign
         assert_same_tensors(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_second_ctrl_c_while_saving_does_not_corrupt(data_dir, tmp_path):
     proc = start_training(data_dir, tmp_path, "--epochs", "50")
     wait_for_training_to_start(proc)
@@ -128,6 +129,7 @@ def test_failed_write_keeps_previous_checkpoint_and_leaves_no_temporary_file(tmp
     assert os.listdir(tmp_path) == ["ddpm_ckpt.pth"]
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "ddpm_ckpt.pth"
     save_checkpoint({"v": torch.ones(3)}, str(path))

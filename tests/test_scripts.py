@@ -88,6 +88,7 @@ def test_resume_without_checkpoint_is_an_error(train_tiny, tmp_path):
     assert not (tmp_path / "empty" / "ddpm_ckpt.pth").exists()
 
 
+@pytest.mark.slow
 def test_new_run_does_not_overwrite_an_existing_checkpoint(train_tiny, tmp_path):
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "1")
@@ -97,6 +98,7 @@ def test_new_run_does_not_overwrite_an_existing_checkpoint(train_tiny, tmp_path)
     assert (out / "ddpm_ckpt.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_with_contradicting_options_names_them(train_tiny, tmp_path):
     out = tmp_path / "run"
     train_tiny(out, "--epochs", "1")

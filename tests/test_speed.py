@@ -188,6 +188,7 @@ def test_a_resumed_run_keeps_the_precision_it_started_with(train_tiny, tmp_path)
     assert torch.load(out / "ddpm_ckpt.pth", weights_only=True)["config"]["precision"] == "fp32"
 
 
+@pytest.mark.slow
 def test_a_new_training_run_prints_the_probe_verdict(train_tiny, tmp_path):
     result = train_tiny(tmp_path / "run", "--epochs", "1")
     line = next(row for row in result.stdout.splitlines() if row.startswith("training on "))

@@ -120,6 +120,7 @@ def test_fid_every_epoch_resumes_bit_exactly(train_tiny, own_data, tmp_path):
     assert [r["fid"] for r in rows(without / "loss_log.csv")] == ["", "", ""]
 
 
+@pytest.mark.slow
 def test_fid_every_does_not_count_against_max_minutes(train_tiny, own_data, tmp_path):
     """A measurement after every epoch of a 3-second run: the epochs' own seconds still add up to the 3 seconds,
     however long the measurements took between them (here the first trains the classifier)."""
@@ -132,6 +133,7 @@ def test_fid_every_does_not_count_against_max_minutes(train_tiny, own_data, tmp_
     assert 2.9 < load(out / "ddpm_ckpt.pth")["launch_seconds"] < 4.0
 
 
+@pytest.mark.slow
 def test_fid_every_needs_a_test_split(train_tiny, tmp_path):
     result = train_tiny(tmp_path / "run", "--fid-every", "5", "--data-dir", tmp_path / "nothing", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
