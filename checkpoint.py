@@ -15,7 +15,7 @@ or to sample from it:
     window_sum, window_count   the running loss of loss_steps.csv's row in progress
     fid_seconds   the training time since the last --fid-every measurement
     launch_seconds   the seconds this launch has trained, over its torchrun restarts (--max-minutes' budget)
-    launch_id     the torchrun launch that wrote it (training.launch_id; None outside torchrun)
+    launch_id     the torchrun launch that wrote it (hardware.launch_id; None outside torchrun)
     fit           what the few-step samplers fitted to the EMA weights (samplers.walk_of; store_fit), if anything
 (epoch to launch_seconds: training.RunState, saved and restored under these names.)
 The file is torch.save's zip with an archive comment at its end, b"ddpm-sha256:" and the SHA-256 (64 hex digits) of
