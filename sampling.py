@@ -1,5 +1,5 @@
-"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), DDIM (Song et al., 2021) or DPM-Solver++
-(Lu et al., 2022).
+"""Sample from a trained DDPM: algorithm 2 of Ho et al. (2020), or one of the faster samplers of samplers.py (DDIM,
+DPM-Solver++, UniPC, Restart, fitted timesteps).
 
     python sampling.py                                   # 100 samples, all 1000 steps -> default/samples/x0_0.png
     python sampling.py --sampler dpm++ --steps 20        # DPM-Solver++(2M): 20 network evaluations
