@@ -12,8 +12,9 @@ then for each --precision option: the precision and memory layout chosen for tra
 printed), training images/s and the fraction of the better of the two matmul peaks it reaches (training
 FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
 (timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
-(timed in full), the fit of the 5-step walk to the model (samplers.walk_of), and what `sampling.py --steps 5` and
-`--steps 10` draw (samplers.STEPS_SAMPLER); and peak memory (RSS on the CPU, allocated on a GPU).
+(timed in full), the fit of the 5-step walk to the model (samplers.walk_of), what `sampling.py --steps 5` and
+`--steps 10` draw (samplers.STEPS_SAMPLER) and what `--steps 1`, `2` and `4` draw with a distilled student
+(distill.py); and peak memory (RSS on the CPU, allocated on a GPU).
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from samplers import DEFAULT_GUIDANCE, STEPS_SAMPLER, predict_noise, walk_of
+from samplers import DEFAULT_GUIDANCE, STEPS_SAMPLER, STUDENT_STEPS, predict_noise, walk_of
 from sampling import Pipeline, generate, sample
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
@@ -139,6 +140,26 @@ def few_step_seconds(model, scheduler, device, precision, n):
     return fit, runs
 
 
+def student_seconds(model, model_kwargs, scheduler, device, precision, layout, n):
+    """{steps: seconds for n images} of a student (distill.py) of this model at each step count it serves: the
+    model's weights with the jump input added (unet.UNet(jump=True)), drawn by generate as `sampling.py --steps`
+    draws them, after one untimed run."""
+    student = UNet(**model_kwargs, jump=True).to(device)
+    student.load_state_dict(model.state_dict(), strict=False)
+    student.to(memory_format=layout).eval()
+    pipeline = Pipeline(model, scheduler, device, precision, student=student,
+                        distill={"guidance_scale": DEFAULT_GUIDANCE})
+    runs = {}
+    for steps in STUDENT_STEPS:
+        generate(pipeline, n, batch_size=n, steps=steps, progress=False)
+        synchronize(device)
+        start = time.perf_counter()
+        generate(pipeline, n, batch_size=n, steps=steps, progress=False)
+        synchronize(device)
+        runs[steps] = time.perf_counter() - start
+    return runs
+
+
 def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
@@ -197,7 +218,9 @@ def measure(model, scheduler, device, precision_option, args):
                                                     args.ddpm_steps) * T / args.ddpm_steps,
             "ddim_50_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "ddim", 50),
             "dpm_20_steps_seconds": sampler_seconds(net, scheduler, device, precision, args.num_samples, "dpm++", 20),
-            "fit_seconds": fit, "steps_5_seconds": few[5], "steps_10_seconds": few[10]}
+            "fit_seconds": fit, "steps_5_seconds": few[5], "steps_10_seconds": few[10],
+            "student_seconds": student_seconds(model, args.model_kwargs, scheduler, device, precision, layout,
+                                               args.num_samples)}
 
 
 def main(argv=None):
@@ -211,9 +234,10 @@ def main(argv=None):
     torch.manual_seed(0)
     shape = model_shape(args.in_channels, args.image_size, args.channel_mults)
     args.channel_mults = shape["channel_mults"]
+    args.model_kwargs = dict(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks,
+                             num_classes=args.num_classes or None)
     try:
-        model = UNet(**shape, base_channels=args.channels, num_res_blocks=args.num_res_blocks,
-                     num_classes=args.num_classes or None).to(device)
+        model = UNet(**args.model_kwargs).to(device)
     except ValueError as e:
         p.error(str(e))
     scheduler = make_scheduler("linear", 1000).to(device)
@@ -246,7 +270,14 @@ def main(argv=None):
     }
     if args.json:
         print(json.dumps(result, indent=1))
-        return result
+    else:
+        print_table(result, args, T, flops, peak_bf16, peak_fp32)
+    return result
+
+
+def print_table(result, args, T, flops, peak_bf16, peak_fp32):
+    """The benchmark's figures as a table, one block for each --precision option."""
+    runs = result["runs"]
     print(f"device {result['device']} ({result['device_name']}), torch {result['torch']}")
     print(f"model: {args.channels} channels x {args.channel_mults}, {args.num_res_blocks} res blocks/level, "
           f"{result['model']['parameters'] / 1e6:.2f} M parameters, "
@@ -272,13 +303,14 @@ def main(argv=None):
             (f"fitting {STEPS_SAMPLER}'s 5-step walk to the model", f"{r['fit_seconds']:.1f} s (once per model)"),
             (f"{args.num_samples} samples, --steps 5 ({STEPS_SAMPLER})", f"{r['steps_5_seconds']:.2f} s"),
             (f"{args.num_samples} samples, --steps 10 ({STEPS_SAMPLER})", f"{r['steps_10_seconds']:.2f} s"),
+            *[(f"{args.num_samples} samples, --steps {k} (a distilled student)", f"{seconds:.3f} s")
+              for k, seconds in r["student_seconds"].items()],
         ]
         print(f"--precision {option}")
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"  {k:<{width}}  {v}")
     print(f"  peak memory ({result['peak_memory_kind']}): {result['peak_memory_mb']:.0f} MiB")
-    return result
 
 
 if __name__ == "__main__":

@@ -108,8 +108,11 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def _read(path, map_location, hint):
-    """(state, whether its SHA-256 was verified) of a checkpoint, or CheckpointError."""
+def _read(path, map_location, hint, kind=None):
+    """(state, whether its SHA-256 was verified) of a checkpoint (or of a student: kind STUDENT), or
+    CheckpointError."""
+    formats, required, dicts, writer = kind or ((CHECKPOINT_FORMAT,) + UNVERIFIED_FORMATS, REQUIRED_KEYS,
+                                                ("config", "model", "ema", "optimizer"), "training.py")
     if not os.path.exists(path):
         raise CheckpointError(f"there is no checkpoint at {path}")
     if os.path.isdir(path):
@@ -130,7 +133,7 @@ def _read(path, map_location, hint):
     elif data.startswith(b"PK\x03\x04") and (data[-22:-18] != END_OF_ZIP or data[-2:] != b"\0\0"):
         # a zip (what torch.save writes) that does not end as torch.save ends one, nor with the trailer
         raise _damaged(path, "it does not end as a checkpoint ends (it was cut short, or its last bytes, which hold "
-                             "the SHA-256 it was saved with, changed)", hint)
+                             "the SHA-256 it was saved with, changed)", hint, kind)
     error = None
     try:
         with warnings.catch_warnings():      # torch warns about what it refuses; the error below says it once
@@ -145,32 +148,31 @@ def _read(path, map_location, hint):
     if trailer:
         thread.join()
         if hashed.get("digest") != trailer.group(1).decode():
-            raise _damaged(path, "its content does not match the SHA-256 it was saved with", hint)
+            raise _damaged(path, "its content does not match the SHA-256 it was saved with", hint, kind)
     if error is not None:
         raise error
-    formats = (CHECKPOINT_FORMAT,) + UNVERIFIED_FORMATS
     if not isinstance(state, dict) or state.get("format") not in formats:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint written by this repository's "
-                              f"training.py")
+                              f"{writer}")
     if not trailer and state["format"] not in UNVERIFIED_FORMATS:
-        raise _damaged(path, "the SHA-256 it was saved with is missing from its end", hint)
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+        raise _damaged(path, "the SHA-256 it was saved with is missing from its end", hint, kind)
+    missing = [k for k in required if k not in state]
     if missing:
         raise CheckpointError(f"the checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
-    wrong = [k for k in ("config", "model", "ema", "optimizer") if not isinstance(state[k], dict)]
+    wrong = [k for k in dicts if not isinstance(state[k], dict)]
     if wrong:
         raise CheckpointError(f"the checkpoint {path} is damaged: {', '.join(wrong)} should be a dictionary")
     return state, bool(trailer)
 
 
-def _damaged(path, what, hint):
+def _damaged(path, what, hint, kind=None):
     """The CheckpointError of a damaged checkpoint; with `hint`, it says how to go on from the previous save when
     that one is intact (its SHA-256 verified)."""
     message = f"{path} is damaged: {what}"
     previous = previous_path(path)
     if hint and os.path.isfile(previous):
         try:
-            state, verified = _read(previous, "cpu", hint=False)
+            state, verified = _read(previous, "cpu", hint=False, kind=kind)
             if verified:
                 message += (f"; the previous save {previous} (step {state['step']}) is intact: move it onto {path} "
                             f"to continue from it")
@@ -199,6 +201,34 @@ def set_rng_state(state, generator):
     generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---- a distilled student (distill.py) ---------------------------------------------------------------------
+# A student is a checkpoint of its own, STUDENT_NAME beside the checkpoint of its teacher, sealed as checkpoints are:
+#     format      STUDENT_FORMAT
+#     config      the teacher's training configuration (the student is its U-Net with jump=True)
+#     student     the student's state dict
+#     teacher     weights_digest of the teacher's EMA weights it was distilled from: used with no other weights
+#     distill     how it was distilled: steps, alpha_min, guidance_scale, seed, ... (distill.py)
+#     optimizer, step, seconds, rng     to continue the distillation (distill.py --resume)
+STUDENT_NAME = "student.pth"
+STUDENT_FORMAT = "ddpm-student-v1"
+STUDENT = ((STUDENT_FORMAT,), ("format", "config", "student", "teacher", "distill", "optimizer", "step", "seconds"),
+           ("config", "student", "distill", "optimizer"), "distill.py")
+STUDENT_PREFIX = "student."       # the student's tensors in an export, beside the teacher's
+
+
+def student_path(path):
+    """Where the student of the model in `path` is kept: STUDENT_NAME in the same folder."""
+    return os.path.join(os.path.dirname(path), STUDENT_NAME)
+
+
+def load_student(path):
+    """A student written by distill.py (its dict, as above), or CheckpointError saying why it cannot be used."""
+    state = _read(path, "cpu", hint=True, kind=STUDENT)[0]
+    if not isinstance(state["teacher"], str) or not all_finite(state["student"]):
+        raise CheckpointError(f"the student in {path} is damaged: its weights are not finite or its teacher unnamed")
+    return state
 
 
 # ---- the exported weights: safetensors ------------------------------------------------------------------------
@@ -308,6 +338,7 @@ def read_weights(path):
     weights are not finite."""
     if is_safetensors(path):
         weights, config, metadata = read_safetensors(path, with_metadata=True)
+        weights = {name: value for name, value in weights.items() if not name.startswith(STUDENT_PREFIX)}
         stored = metadata.get("fit")
     else:
         ckpt = load_checkpoint(path)
@@ -315,6 +346,27 @@ def read_weights(path):
     if not all_finite(weights):
         raise CheckpointError(f"the weights in {path} are not finite (NaN or inf), so they cannot produce images")
     return weights, config, stored
+
+
+def read_student(path):
+    """The student distilled from the model in `path` (load_student's dict), or None if it has none: for a
+    checkpoint the student file beside it (student_path), for an export the student's tensors and metadata in the
+    same file (export.py).  CheckpointError if the student is damaged.  Whose student it is, is the caller's check."""
+    if not is_safetensors(path):
+        return load_student(student_path(path)) if os.path.exists(student_path(path)) else None
+    weights, _, metadata = read_safetensors(path, with_metadata=True)
+    if "student" not in metadata:
+        return None
+    try:
+        state = json.loads(metadata["student"])
+        assert isinstance(state, dict) and isinstance(state["teacher"], str) and isinstance(state["distill"], dict)
+    except (ValueError, TypeError, KeyError, AssertionError):
+        raise CheckpointError(f"the student stored in {path} is damaged; export the checkpoint again") from None
+    state["student"] = {name[len(STUDENT_PREFIX):]: value for name, value in weights.items()
+                        if name.startswith(STUDENT_PREFIX)}
+    if not state["student"] or not all_finite(state["student"]):
+        raise CheckpointError(f"the student stored in {path} is damaged: its weights are missing or not finite")
+    return state
 
 
 def weights_digest(weights):

@@ -54,8 +54,25 @@ from fid import (
 )
 from hardware import describe_device
 from run_folder import DEFAULT_CKPT
-from samplers import DEFAULT_GUIDANCE, SAMPLERS, STEPS_SAMPLER, sampler_label, sampler_timesteps, walk_of
-from sampling import Pipeline, check_sampling_options, check_walk, choose_precision, generate, read_model
+from samplers import (
+    DEFAULT_GUIDANCE,
+    SAMPLERS,
+    STEPS_SAMPLER,
+    STUDENT_STEPS,
+    sampler_label,
+    sampler_timesteps,
+    walk_of,
+)
+from sampling import (
+    NoStudent,
+    Pipeline,
+    check_sampling_options,
+    check_walk,
+    choose_precision,
+    generate,
+    read_model,
+    sampler_for,
+)
 
 
 # ---- the images to score -------------------------------------------------------------------------
@@ -153,6 +170,10 @@ def load_pipeline(args, parser):
     """--ckpt as a sampling.Pipeline, with the sampling options checked against it before the speed probe
     (sampling.choose_precision) sets its precision and layout."""
     pipeline = read_model(args.ckpt, args.device)
+    try:
+        args.sampler, args.steps = sampler_for(pipeline, args.sampler, args.steps)
+    except NoStudent as e:
+        parser.exit(2, f"error: {e}\n")
     T, trained_on = pipeline.scheduler.num_timesteps, pipeline.config["dataset"]
     if args.sampler != "ddpm" and args.steps > T:
         parser.error(f"--steps {args.steps} is more than the {T} timesteps the model was trained with")
@@ -293,6 +314,10 @@ def sweep(args, parser, log):
     if "dpm++" in args.sweep_samplers:
         runs.append(("dpm++", 0.0, ode_steps, f"ODE limit ({ode_steps}-step DPM-Solver++(2M))"))
     runs += [("ddpm", 0.0, T, f"DDPM ({T} steps)")] if "ddpm" in args.sweep_samplers else []
+    if "student" in args.sweep_samplers and ref.pipeline.student is None:
+        log(f"sweep: no student ({ref.pipeline.no_student})")
+    elif "student" in args.sweep_samplers:      # the distilled student, at each step count it serves
+        runs += [("student", 0.0, steps, None) for steps in STUDENT_STEPS]
     for sampler, eta, steps, label in runs:
         name = sampler_label(sampler, steps, T, eta)
         label = label or name.split("-step ", 1)[1]

@@ -12,6 +12,8 @@ The file holds the EMA state dict (the weights sampling.py and evaluate.py use) 
                  which every load checks: safetensors itself has no checksum
     fit          what is fitted to these weights (UniPC's walk, the fitted sampler's costs), as JSON, if the
                  checkpoint holds it
+    student      if distill.py distilled a student from these weights (student.pth beside the checkpoint): its
+                 teacher's digest and how it was distilled, as JSON; its tensors are stored as "student.NAME"
 No optimizer, random states or counters: it cannot be resumed, only sampled.  safetensors holds only tensors
 and a JSON header, so loading it can run no code.  sampling.py --ckpt FILE.safetensors, evaluate.py --ckpt
 FILE.safetensors and sampling.load_model("FILE.safetensors") draw exactly the images the checkpoint draws.
@@ -20,11 +22,22 @@ import argparse
 import json
 import os
 
-from checkpoint import CheckpointError, checked_fit, load_checkpoint, weights_digest, write_safetensors
-from cli import fail, first_line, show_log
+from checkpoint import (
+    STUDENT_PREFIX,
+    CheckpointError,
+    checked_fit,
+    load_checkpoint,
+    read_safetensors,
+    read_student,
+    student_path,
+    weights_digest,
+    write_safetensors,
+)
+from cli import fail, first_line, logger, show_log
 from run_folder import DEFAULT_CKPT, DEFAULT_OUT_DIR
 
 DEFAULT_OUT = os.path.join(DEFAULT_OUT_DIR, "model.safetensors")
+log = logger(__name__)
 
 
 def export(ckpt_path, out_path):
@@ -33,11 +46,19 @@ def export(ckpt_path, out_path):
     ckpt = load_checkpoint(ckpt_path)
     config = ckpt["config"]
     metadata = {"config": json.dumps(config), "prediction": str(config.get("prediction", "eps"))}
-    fit = checked_fit(ckpt.get("fit"), weights_digest(ckpt["ema"]), ckpt_path)
+    digest = weights_digest(ckpt["ema"])
+    fit = checked_fit(ckpt.get("fit"), digest, ckpt_path)
     if fit is not None:
         metadata["fit"] = json.dumps(fit)
+    weights = ckpt["ema"]
+    student = read_student(ckpt_path)
+    if student is not None and student["teacher"] == digest:
+        metadata["student"] = json.dumps({"teacher": digest, "distill": student["distill"]})
+        weights = {**weights, **{STUDENT_PREFIX + name: value for name, value in student["student"].items()}}
+    elif student is not None:
+        log.warning(f"note: {student_path(ckpt_path)} was distilled from other weights, so it is not exported")
     try:
-        write_safetensors(ckpt["ema"], metadata, out_path)
+        write_safetensors(weights, metadata, out_path)
     except OSError as e:
         raise CheckpointError(f"could not write {out_path} ({getattr(e, 'strerror', None) or first_line(e)})") from None
 
@@ -59,7 +80,8 @@ def main(argv=None):
     except CheckpointError as e:
         fail(e)
     mib = lambda path: os.path.getsize(path) / 2 ** 20     # noqa: E731
-    print(f"wrote {args.out} ({mib(args.out):.1f} MiB; the checkpoint {args.ckpt}: {mib(args.ckpt):.1f} MiB)")
+    print(f"wrote {args.out} ({mib(args.out):.1f} MiB; the checkpoint {args.ckpt}: {mib(args.ckpt):.1f} MiB)"
+          + (", with the distilled student" if "student" in read_safetensors(args.out, with_metadata=True)[2] else ""))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""The samplers faster than the paper's 1000 steps: DDIM, DPM-Solver++(2M) and its SDE form, UniPC, Restart, and the
-walks fitted to a model.  A sampler is its timesteps plus its update: walk_of turns a number of network evaluations
-into the timesteps (the one place where that happens, fitting them to the model where the sampler asks for it, once
-per model), and walk() runs the reverse process along them with the sampler's update (solvers.py).
+"""The samplers faster than the paper's 1000 steps: DDIM, DPM-Solver++(2M) and its SDE form, UniPC, Restart, the
+walks fitted to a model, and the student that distill.py distils from a model for one, two and four evaluations.
+A sampler is its timesteps plus its update: walk_of turns a number of network evaluations into the timesteps (the one
+place where that happens, fitting them to the model where the sampler asks for it, once per model), and walk() runs
+the reverse process along them with the sampler's update (solvers.py).
 
     from samplers import walk_of
     timesteps, afs = walk_of(pipeline, "unipc", 5)      # fitted to the model the first time, then kept with its weights
@@ -26,8 +27,8 @@ from solvers import ddim_step, dpm_solver_step, forward_jump, restart_timesteps,
 # 880-step model of scikit-learn's digits by 37 to 49% (52.9 / 58.3 against 35.5 / 42.7); 1.25 and 2 likewise
 # (docs/experiments.md, Class labels): chosen by the worst case, no guidance unless asked for.
 DEFAULT_GUIDANCE = 1.0
-SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart", "fitted", "unipc")
-DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20, "fitted": 10, "unipc": 5}
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde", "restart", "fitted", "unipc", "student")
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20, "fitted": 10, "unipc": 5, "student": 2}
 # Restart sampling (Xu et al., 2023): its interval of noise levels sigma = sigma_t / alpha_t, how often it jumps back
 # up, and the ODE steps of each pass down.  Chosen by its worst case over two datasets and two sample seeds among
 # eleven settings at 20 evaluations (docs/experiments.md, Restart 20): wider intervals than 0.1..0.4 corrected
@@ -46,6 +47,7 @@ STEPS_SAMPLER = "unipc"
 
 
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)",
+                 "student": "distilled student",
                  "unipc": "UniPC (DPM-Solver++(2M) and UniC)",
                  "fitted": "DPM-Solver++(2M) on fitted timesteps",
                  "restart": "Restart (DPM-Solver++(2M))"}
@@ -67,6 +69,8 @@ def walk_of(pipeline, sampler, steps, progress=False):
     store_fit, if it has none), every other sampler's from sampler_timesteps."""
     if sampler == "unipc":
         return unipc_timesteps(pipeline.scheduler, steps, walk_power(pipeline, steps, progress)), False
+    if sampler == "student":
+        return student_timesteps(pipeline.scheduler, steps), False
     if sampler != "fitted":
         return sampler_timesteps(pipeline.scheduler, sampler, steps), False
     if pipeline.fit is None or "grid" not in pipeline.fit:
@@ -94,6 +98,8 @@ def sampler_timesteps(scheduler, sampler, steps):
         return spaced_timesteps(scheduler, steps, "logsnr")
     if sampler == "ddpm":
         return scheduler.timesteps()
+    if sampler == "student":
+        return student_timesteps(scheduler, steps)
     if sampler == "unipc":      # `steps` evaluations, from T-1 down to the last, then one step more to land on t = 0
         return unipc_timesteps(scheduler, steps, unipc_spacing(steps))
     if sampler == "restart":
@@ -152,6 +158,11 @@ def walk(model, scheduler, x, sampler, timesteps, *, generator=None, eta=0.0, la
                 callback(t, x, x0)
             break
         tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
+        if sampler == "student":                                          # `model` is the student
+            x, x0 = student_step(model, scheduler, x, t, t_prev, labels)
+            if callback is not None:
+                callback(t, x, x0)
+            continue
         if analytic_first_step and i == 0:
             eps = x                                                        # AFS: no evaluation
         elif first_eps is not None and i == 0:
@@ -378,3 +389,45 @@ def walk_power(pipeline, steps, progress=False):
         pipeline.fit = {**(pipeline.fit or {}), "walk_power": powers, "weights": pipeline.weights}
         keep_fit(pipeline)
     return powers[str(steps)]
+
+
+# ---- the distilled student (distill.py): one network evaluation per step, for few steps -----------------------
+# The step counts a student is distilled for, and serves from sampling.py --steps when the model has one.
+STUDENT_STEPS = (1, 2, 4)
+STUDENT_ONLY_BELOW = 3      # fewer evaluations than this: a student or nothing (3 scored 2.3 to 3.4 times the DDPM)
+# A student reads its x_0 from its output as its teacher does, but divides by alpha_t no less than this (student_x0).
+STUDENT_ALPHA_MIN = 0.05
+
+
+def student_timesteps(scheduler, steps):
+    """The timesteps of a `steps`-evaluation student, evenly spaced in t from T-1: T = 1000 gives [999] for one,
+    [999, 499] for two and [999, 749, 499, 249] for four evaluations, each step landing on the next timestep and
+    the last on the clean image.  The walks are nested (every two-step timestep is a four-step one), so the student
+    learns fewer jumps."""
+    T = scheduler.num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"a student takes 1 to {T} steps on this model")
+    return [T - 1 - (i * T) // steps for i in range(steps)]
+
+
+def student_x0(scheduler, output, x_t, t, alpha_min=STUDENT_ALPHA_MIN):
+    """The student's x_0 at (x_t, t), t a (B,) tensor: its output read as its teacher's is (scheduler.to_eps), then
+        x_0 = (x_t - sigma_t eps) / max(alpha_t, alpha_min)
+    which is eq. 4 inverted (the teacher's own x_0) wherever alpha_t >= alpha_min.  Nearer pure noise the teacher's
+    x_0 divides its noise by alpha_t (1 / 157 at T-1): a student whose one step must land on a sharp image from
+    there could not be that precise, so it learns to say x_0 in eps's units there, scaled by at most 1 / alpha_min."""
+    eps = scheduler.to_eps(output, x_t, t)
+    alpha = scheduler.sqrt_alphas_cumprod[t].view(-1, *[1] * (x_t.dim() - 1))
+    sigma = scheduler.sqrt_one_minus_alphas_cumprod[t].view(-1, *[1] * (x_t.dim() - 1))
+    return (x_t.float() - sigma * eps) / alpha.clamp(min=alpha_min)
+
+
+def student_step(student, scheduler, x, t, t_prev, labels=None, alpha_min=STUDENT_ALPHA_MIN):
+    """One step of a student from x_t to x_{t_prev} (t_prev = -1: the clean image): its x_0 (student_x0), clipped to
+    [-1, 1], and DDIM's deterministic step with it (Song et al., 2021, eq. 12), the noise being the one that x_t
+    and that x_0 imply.  Returns (x_{t_prev}, x_0)."""
+    tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
+    output = student(scheduler.model_input(x, tt), tt, labels, torch.full_like(tt, t_prev))
+    x0 = student_x0(scheduler, output, x, tt, alpha_min).clamp(-1.0, 1.0)
+    alpha, sigma = scheduler.sqrt_alphas_cumprod[t], scheduler.sqrt_one_minus_alphas_cumprod[t]
+    return ddim_step(scheduler, (x.float() - alpha * x0) / sigma, t, t_prev, x)

@@ -24,7 +24,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, checked_fit, read_weights, weights_digest
+from checkpoint import CheckpointError, checked_fit, read_student, read_weights, student_path, weights_digest
 from cli import add_device_options, fail, first_line, int_list, logger, positive_int, show_log
 from dataset import to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
@@ -35,6 +35,8 @@ from samplers import (
     DEFAULT_STEPS,
     SAMPLERS,
     STEPS_SAMPLER,
+    STUDENT_ONLY_BELOW,
+    STUDENT_STEPS,
     network_eps,
     sampler_label,
     sampler_timesteps,
@@ -105,6 +107,13 @@ class Pipeline:
     #                             "fitted" sampler, and "walk_power", {steps: power} for UniPC (walk_power)
     source: str = None          # the file the weights were read from (read_model), where a new fit is stored
     weights: str = None         # weights_digest of those weights
+    student: torch.nn.Module = None     # the student distilled from these weights (distill.py), if there is one
+    distill: dict = None                # how it was distilled (its file's "distill"), with "file", where it was read
+    no_student: str = None              # else why not: one sentence, what NoStudent says
+
+
+class NoStudent(ValueError):
+    """One or two network evaluations were asked of a model that has no student distilled from its weights."""
 
 
 def read_model(path, device):
@@ -123,7 +132,32 @@ def read_model(path, device):
                               f"({first_line(e)})") from None
     model.to(device, memory_format=memory_format(device)).eval()
     digest = weights_digest(weights)
-    return Pipeline(model, scheduler, device, "fp32", config, checked_fit(stored, digest, path), path, digest)
+    pipeline = Pipeline(model, scheduler, device, "fp32", config, checked_fit(stored, digest, path), path, digest)
+    return add_student(pipeline, read_student(path))
+
+
+def add_student(pipeline, state):
+    """The pipeline with the student of `state` (checkpoint.read_student) if it was distilled from the pipeline's
+    weights; otherwise pipeline.no_student says why there is none, and names the command that makes one."""
+    path = pipeline.source
+    where = student_path(path) if state is None or not path.endswith(".safetensors") else path
+    folder = os.path.dirname(path) or "."
+    command = "python distill.py" + ("" if os.path.abspath(folder) == os.path.abspath(DEFAULT_OUT_DIR)
+                                     else f" --out-dir {folder}")
+    if state is None:
+        pipeline.no_student = f"{path} has no student for one or two network evaluations; distil one with: {command}"
+    elif state["teacher"] != pipeline.weights:
+        pipeline.no_student = (f"the student in {where} was distilled from other weights than those in {path}, so it "
+                               f"is not used; distil again with: {command} --overwrite")
+    else:
+        try:
+            student = UNet(**model_config(state["config"] if "config" in state else pipeline.config), jump=True)
+            student.load_state_dict(state["student"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"the student in {where} does not fit its model ({first_line(e)})") from None
+        pipeline.student = student.to(pipeline.device, memory_format=memory_format(pipeline.device)).eval()
+        pipeline.distill = {**state["distill"], "file": where}
+    return pipeline
 
 
 def choose_precision(pipeline, precision="auto", batch_size=100):
@@ -133,6 +167,8 @@ def choose_precision(pipeline, precision="auto", batch_size=100):
     precision, layout, note = choose_speed(pipeline.model, pipeline.device, precision, training=False,
                                            batch_size=batch_size)
     pipeline.model.to(memory_format=layout)
+    if pipeline.student is not None:
+        pipeline.student.to(memory_format=layout)
     pipeline.precision = precision
     log.info(f"sampling on {pipeline.device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})")
     return pipeline
@@ -159,10 +195,9 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, ste
     of every batch.
     """
     model, device, num_classes = pipeline.model, pipeline.device, pipeline.model.num_classes
-    if sampler is None:
-        sampler = STEPS_SAMPLER if steps is not None else "ddpm"
-    if sampler != "ddpm" and steps is None:
-        steps = DEFAULT_STEPS[sampler]
+    sampler, steps = sampler_for(pipeline, sampler, steps)
+    if sampler == "student":
+        model, guidance_scale = pipeline.student, pipeline.distill["guidance_scale"]
     timesteps, afs = walk_of(pipeline, sampler, steps, progress)          # the samplers' room, once
     faster = {} if sampler == "ddpm" else dict(timesteps=timesteps, eta=eta, analytic_first_step=afs)
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -186,6 +221,21 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, ste
             images.append(to_uint8(x).cpu())
             requested.append(labels)
     return torch.cat(images), (torch.cat(requested) if num_classes else None)
+
+
+def sampler_for(pipeline, sampler, steps):
+    """(sampler, steps) that generate() draws with: `steps` alone asks for the student where the model has one and
+    it serves that many (STUDENT_STEPS), else STEPS_SAMPLER; nothing at all for the paper's DDPM.  NoStudent for one
+    or two evaluations, or --sampler student, without a student of these weights."""
+    if sampler is None and steps is not None:
+        sampler = "student" if pipeline.student is not None and steps in STUDENT_STEPS else STEPS_SAMPLER
+    sampler = sampler or "ddpm"
+    if pipeline.student is None and (sampler == "student" or sampler == STEPS_SAMPLER and steps < STUDENT_ONLY_BELOW):
+        raise NoStudent(pipeline.no_student or "this model has no student for one or two network evaluations; "
+                                               "distil one with: python distill.py")
+    if sampler != "ddpm" and steps is None:
+        steps = DEFAULT_STEPS[sampler]
+    return sampler, steps
 
 
 # ---- what --save-every and --gif record ---------------------------------------------------------------------
@@ -252,11 +302,11 @@ def parse_args(argv=None):
 
 def check_sampling_options(args, parser):
     """Usage errors (exit 2) for the sampling options shared with evaluate.py; resolves args.device and the
-    sampler: --steps alone asks for STEPS_SAMPLER, no option at all for the paper's
-    DDPM."""
-    if args.sampler is None:
-        args.sampler = STEPS_SAMPLER if args.steps else "ddpm"
-    if args.sampler != "ddpm" and args.steps is None:
+    sampler: no option at all asks for the paper's DDPM, --sampler alone for its DEFAULT_STEPS.  --steps alone
+    leaves args.sampler None, for sampler_for to choose once the model is read (the student, where it has one)."""
+    if args.sampler is None and not args.steps:
+        args.sampler = "ddpm"
+    if args.sampler not in (None, "ddpm") and args.steps is None:
         args.steps = [DEFAULT_STEPS[args.sampler]]
     if not 0.0 <= args.eta <= 1.0:
         parser.error(f"--eta must lie between 0 and 1, got {args.eta}")
@@ -286,8 +336,17 @@ def main(argv=None):
     T, num_classes = pipeline.scheduler.num_timesteps, pipeline.model.num_classes
     if args.sampler != "ddpm" and max(args.steps) > T:
         parser.error(f"--steps {max(args.steps)} is more than the {T} timesteps the model was trained with")
-    for steps in args.steps or []:
-        check_walk(pipeline.scheduler, args.sampler, steps, parser)
+    try:
+        runs = [("ddpm", None)] if args.sampler == "ddpm" else [sampler_for(pipeline, args.sampler, s)
+                                                               for s in args.steps]
+    except NoStudent as e:
+        fail(e, code=2)
+    for sampler, steps in runs:
+        if sampler != "ddpm":
+            check_walk(pipeline.scheduler, sampler, steps, parser)
+    if any(sampler == "student" for sampler, _ in runs):
+        log.info(f"drawing with the student distilled from these weights ({pipeline.distill['file']}, "
+                 f"{pipeline.distill['minutes']:.1f} minutes of distillation)")
     if args.label is not None and not num_classes:
         parser.error(f"--label {args.label}: {args.ckpt} holds an unconditional model (train with --conditional)")
     if args.label is not None and not 0 <= args.label < num_classes:
@@ -300,7 +359,6 @@ def main(argv=None):
     except OSError as e:
         fail(f"cannot create the output folder {args.out_dir} ({e.strerror})")
 
-    runs = [("ddpm", None)] if args.sampler == "ddpm" else [(args.sampler, s) for s in args.steps]
     for sampler, steps in runs:
         recorder = Recorder(pipeline, sampler, steps, args)
         start = time.perf_counter()

@@ -119,10 +119,14 @@ class UNet(nn.Module):
     attention_resolutions: feature-map sizes (e.g. 7 for a 28x28 input) that get self-attention
     num_classes:        None for an unconditional model; otherwise labels 0..num_classes-1, and
                         label num_classes is the "no label" token used for classifier-free guidance
+    jump:               a student of distill.py: it is also told the timestep s its step lands on (s = -1: the
+                        clean image), embedded as t is and added to the time embedding (zero at first, so that
+                        the student starts as its teacher)
     """
 
     def __init__(self, in_channels=1, image_size=28, base_channels=64, channel_mults=(1, 2, 2),
-                 num_res_blocks=2, attention_resolutions=(7,), dropout=0.0, num_heads=4, num_classes=None):
+                 num_res_blocks=2, attention_resolutions=(7,), dropout=0.0, num_heads=4, num_classes=None,
+                 jump=False):
         super().__init__()
         levels = len(channel_mults)
         if image_size % 2 ** (levels - 1):
@@ -136,6 +140,13 @@ class UNet(nn.Module):
             SinusoidalTimeEmbedding(base_channels), nn.Linear(base_channels, emb_dim), nn.SiLU(),
             nn.Linear(emb_dim, emb_dim))
         self.label_embedding = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
+        self.jump_embedding = None
+        if jump:
+            self.jump_embedding = nn.Sequential(
+                SinusoidalTimeEmbedding(base_channels), nn.Linear(base_channels, emb_dim), nn.SiLU(),
+                nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.jump_embedding[-1].weight)
+            nn.init.zeros_(self.jump_embedding[-1].bias)
 
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
         self.down = nn.ModuleList()
@@ -168,8 +179,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)      # start as "predict zero noise"
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, t, y=None):
-        """x: (B, C, H, W) noisy images x_t; t: (B,) integer timesteps; y: (B,) labels or None."""
+    def forward(self, x, t, y=None, s=None):
+        """x: (B, C, H, W) noisy images x_t; t: (B,) integer timesteps; y: (B,) labels or None; s: (B,) the
+        timesteps a student's step lands on (jump=True only; default -1, the clean image)."""
         assert x.shape[1:] == (self.in_channels, self.image_size, self.image_size), \
             f"expected images of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), " \
             f"got {tuple(x.shape)}"
@@ -178,6 +190,8 @@ class UNet(nn.Module):
             if y is None:
                 y = torch.full_like(t, self.num_classes)                       # "no label"
             emb = emb + self.label_embedding(y)
+        if self.jump_embedding is not None:
+            emb = emb + self.jump_embedding((s if s is not None else torch.full_like(t, -1)) + 1)
         h = self.conv_in(x)
         skips = [h]
         for layer in self.down:

@@ -1,0 +1,254 @@
+"""Distil a trained model into a student that draws images in one, two or four network evaluations.
+
+    python distill.py                          # default/ddpm_ckpt.pth -> default/student.pth, in at most 8 minutes
+    python sampling.py --steps 1               # then one network evaluation per image (--steps 2, --steps 4)
+    python distill.py --resume --max-minutes 5 # five minutes more on the same student
+    python distill.py --out-dir runs/fm        # the model of another run folder
+
+The method follows Simple and Fast Distillation (Zhou et al., 2024): the student starts as a copy of the teacher (its
+EMA weights) and is fine-tuned only on the steps it will take.  It is the teacher's U-Net with one more input, the
+timestep s that its step lands on (unet.UNet(jump=True), zero at first), so that one student serves 1, 2 and 4
+evaluations (samplers.student_timesteps: evenly in t, nested).
+1. The teacher draws trajectories: from x_T ~ N(0, I) and a class, DPM-Solver++(2M) in TEACHER_STEPS evaluations
+   (Lu et al., 2022b), and keeps x_t at every timestep of the student's walks and x_0 at the end.
+2. The student's step from x_t to s is DDIM's with its own x_0 (samplers.student_step, Song et al., 2021, eq. 12):
+        x_s = alpha_s x_0 + sigma_s (x_t - alpha_t x_0) / sigma_t.
+   The x_0 that lands on the teacher's x_s is that equation solved for x_0,
+        x_0* = (x_s - sigma_s / sigma_t x_t) / (alpha_s - sigma_s alpha_t / sigma_t)
+   and the loss is |x_0 - x_0*|^2 (samplers.student_x0 reads x_0 from the output): every jump weighs alike, in the
+   image's own units.
+The student keeps the SHA-256 of the teacher weights it was distilled from (checkpoint.STUDENT_FORMAT), and sampling
+uses it with no other weights.  Ctrl-C or SIGTERM saves and stops; the student is also saved every SAVE_EVERY
+seconds, so a killed run loses at most that (--resume goes on).
+"""
+import argparse
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import (
+    STUDENT_FORMAT,
+    CheckpointError,
+    load_student,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    student_path,
+)
+from cli import add_device_options, fail, logger, positive_float, positive_int, show_log
+from hardware import LAYOUT_NAMES, StopRequest, autocast, choose_speed, pick_device
+from run_folder import CKPT_NAME, DEFAULT_OUT_DIR, claim_run_folder, lock_run_folder
+from samplers import DEFAULT_GUIDANCE, STUDENT_ALPHA_MIN, STUDENT_STEPS, network_eps, student_timesteps, student_x0
+from sampling import choose_precision, model_config, read_model
+from solvers import dpm_solver_step, spaced_timesteps
+from unet import UNet
+
+log = logger(__name__)
+DEFAULT_MINUTES = 8.0       # the whole run, the teacher's trajectories included
+TEACHER_STEPS = 24          # evaluations of the teacher's walk, besides the student's timesteps it must stop at
+TRAJECTORIES = 1024         # the teacher's trajectories the student learns from
+BATCH_SIZE = 128            # jumps per optimizer step
+LR = 2e-4
+SAVE_EVERY = 60.0           # seconds between saves
+
+
+# ---- what the student learns -------------------------------------------------------------------------------
+def student_jumps(scheduler, step_counts=STUDENT_STEPS):
+    """Every jump (t, s) that a walk of the student takes, s = -1 for the clean image: for T = 1000 and 1, 2, 4
+    steps, (999, -1), (999, 499), (499, -1), (999, 749), (749, 499), (499, 249), (249, -1)."""
+    jumps = set()
+    for steps in step_counts:
+        walk = student_timesteps(scheduler, steps) + [-1]
+        jumps.update(zip(walk, walk[1:]))
+    return sorted(jumps, reverse=True)
+
+
+def alpha_sigma_of(scheduler, t):
+    """alpha_t and sigma_t for a (B,) tensor of timesteps, shaped (B, 1, 1, 1); t = -1: 1 and 0 (the clean image)."""
+    clean = t < 0
+    alpha = torch.where(clean, 1.0, scheduler.sqrt_alphas_cumprod[t.clamp(min=0)])
+    sigma = torch.where(clean, 0.0, scheduler.sqrt_one_minus_alphas_cumprod[t.clamp(min=0)])
+    return alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1)
+
+
+def jump_target(scheduler, x_t, t, x_s, s):
+    """x_0*, the x_0 whose DDIM step from x_t at t lands on x_s at s (the module's docstring, step 2)."""
+    alpha_t, sigma_t = alpha_sigma_of(scheduler, t)
+    alpha_s, sigma_s = alpha_sigma_of(scheduler, s)
+    return (x_s - sigma_s / sigma_t * x_t) / (alpha_s - sigma_s * alpha_t / sigma_t)
+
+
+@torch.inference_mode()
+def teacher_trajectories(pipeline, n, keep, generator, batch_size=256, progress=None):
+    """n trajectories of the teacher from x_T ~ N(0, I): ({t: x_t (n, C, H, W)} for t in `keep` and -1 (x_0), the
+    classes (n,) or None).  DPM-Solver++(2M) over TEACHER_STEPS timesteps evenly in log-SNR, and every one of `keep`."""
+    model, scheduler, device = pipeline.model, pipeline.scheduler, pipeline.device
+    walk = sorted(set(spaced_timesteps(scheduler, TEACHER_STEPS, "logsnr")) | set(keep), reverse=True)
+    shape = (model.in_channels, model.image_size, model.image_size)
+    kept = {t: [] for t in [*keep, -1]}
+    classes = []
+    for first in range(0, n, batch_size):
+        b = min(batch_size, n - first)
+        x = torch.randn((b, *shape), generator=generator).to(device)
+        labels = torch.randint(model.num_classes, (b,), generator=generator).to(device) if model.num_classes else None
+        previous = None
+        with autocast(device, pipeline.precision):
+            for i, t in enumerate(walk):
+                if t in kept:
+                    kept[t].append(x.float().cpu())
+                t_prev = walk[i + 1] if i + 1 < len(walk) else -1
+                eps = network_eps(model, scheduler, x, torch.full((b,), t, device=device), labels)
+                x, x0 = dpm_solver_step(scheduler, eps, t, t_prev, x, previous)
+                previous = (t, x0)
+                if progress is not None:
+                    progress()
+        kept[-1].append(x.float().cpu())
+        classes.append(labels.cpu() if labels is not None else None)
+    return {t: torch.cat(xs) for t, xs in kept.items()}, (torch.cat(classes) if model.num_classes else None)
+
+
+def distil_loss(student, scheduler, trajectories, classes, jumps, index, jump_index, precision, alpha_min):
+    """The mean |x_0 - x_0*|^2 over a batch: trajectory index[i] at the jump jumps[jump_index[i]]."""
+    device = scheduler.device
+    t = torch.tensor([jumps[j][0] for j in jump_index.tolist()], device=device)
+    s = torch.tensor([jumps[j][1] for j in jump_index.tolist()], device=device)
+    x_t = torch.stack([trajectories[jumps[j][0]][i] for i, j in zip(index.tolist(), jump_index.tolist())]).to(device)
+    x_s = torch.stack([trajectories[jumps[j][1]][i] for i, j in zip(index.tolist(), jump_index.tolist())]).to(device)
+    labels = classes[index].to(device) if classes is not None else None
+    with autocast(device, precision):
+        output = student(scheduler.model_input(x_t, t), t, labels, s)
+    x0 = student_x0(scheduler, output.float(), x_t, t, alpha_min)
+    return (x0 - jump_target(scheduler, x_t, t, x_s, s)).square().mean()
+
+
+# ---- the script ----------------------------------------------------------------------------------------------
+def build_parser():
+    p = argparse.ArgumentParser(description="Distil a trained model into a student for 1, 2 and 4 network "
+                                            "evaluations (sampling.py --steps 1).")
+    p.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"the run folder: its {CKPT_NAME} is the teacher, and "
+                   f"the student goes beside it (default {DEFAULT_OUT_DIR})")
+    p.add_argument("--max-minutes", type=positive_float, default=DEFAULT_MINUTES,
+                   help=f"the whole run, the teacher's trajectories included (default {DEFAULT_MINUTES:g})")
+    p.add_argument("--resume", action="store_true", help="go on distilling the student in the run folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the student in the run folder")
+    p.add_argument("--trajectories", type=positive_int, default=TRAJECTORIES,
+                   help=f"the teacher's trajectories to learn from (default {TRAJECTORIES})")
+    p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
+                   help=f"jumps per optimizer step (default {BATCH_SIZE})")
+    p.add_argument("--lr", type=positive_float, default=LR, help=f"Adam's learning rate (default {LR:g})")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the trajectories and the batches (default 0)")
+    add_device_options(p, "auto: the faster of bf16 and fp32 on this device, timed at start-up")
+    return p
+
+
+def start(args, parser):
+    """(teacher pipeline, student, optimizer, state of the file to go on from or None), or exit with one sentence:
+    no teacher, a student in the way (without --resume or --overwrite), a student of other weights to resume."""
+    ckpt, path = os.path.join(args.out_dir, CKPT_NAME), student_path(os.path.join(args.out_dir, CKPT_NAME))
+    if args.resume and args.overwrite:
+        parser.error("--resume goes on with the student and --overwrite replaces it: pass one of them")
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
+    if not os.path.isfile(ckpt):
+        fail(f"there is no trained model at {ckpt} to distil; train one first with: python training.py"
+             + ("" if args.out_dir == DEFAULT_OUT_DIR else f" --out-dir {args.out_dir}"))
+    lock_run_folder(args.out_dir)
+    try:
+        teacher = read_model(ckpt, device)
+        state = load_student(path) if args.resume and os.path.exists(path) else None
+    except CheckpointError as e:
+        fail(e)
+    if args.resume and state is None:
+        fail(f"there is no student at {path} to resume; start one with: python distill.py"
+             + ("" if args.out_dir == DEFAULT_OUT_DIR else f" --out-dir {args.out_dir}"))
+    if os.path.exists(path) and not (args.resume or args.overwrite):
+        fail(f"{path} exists; pass --resume to go on distilling it or --overwrite to replace it", code=2)
+    if state is not None and state["teacher"] != teacher.weights:
+        fail(f"the student in {path} was distilled from other weights than those in {ckpt} (training went on since); "
+             f"start again with --overwrite")
+    claim_run_folder()
+    choose_precision(teacher)
+    student = UNet(**model_config(teacher.config), jump=True).to(device)
+    missing = student.load_state_dict(teacher.model.state_dict() if state is None else state["student"], strict=False)
+    assert state is not None or all(k.startswith("jump_embedding.") for k in missing.missing_keys)
+    precision, layout, note = choose_speed(student, device, args.precision, training=True,
+                                           batch_size=args.batch_size)
+    student.to(memory_format=layout).train()
+    log.info(f"distilling on {device.type} in {precision}, {LAYOUT_NAMES[layout]} ({note})")
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return teacher, student, optimizer, precision, state
+
+
+def save(path, teacher, student, optimizer, step, seconds, generator, args):
+    """The student and all it needs to go on (checkpoint.STUDENT_FORMAT), sealed and written atomically."""
+    save_checkpoint({
+        "format": STUDENT_FORMAT, "config": teacher.config, "student": student.state_dict(), "teacher": teacher.weights,
+        "distill": {"steps": list(STUDENT_STEPS), "alpha_min": STUDENT_ALPHA_MIN, "guidance_scale": DEFAULT_GUIDANCE,
+                    "teacher_steps": TEACHER_STEPS, "trajectories": args.trajectories, "batch_size": args.batch_size,
+                    "lr": args.lr, "seed": args.seed, "minutes": seconds / 60},
+        "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds, "rng": rng_state(generator)}, path)
+
+
+def main(argv=None):
+    show_log()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    budget = args.max_minutes * 60
+    stop = StopRequest()
+    teacher, student, optimizer, precision, state = start(args, parser)
+    path = student_path(os.path.join(args.out_dir, CKPT_NAME))
+    scheduler = teacher.scheduler
+    jumps = student_jumps(scheduler)
+    keep = sorted({t for t, _ in jumps}, reverse=True)
+    # The same seed draws the same trajectories, so a resumed run learns from those it learnt from before.
+    generator = torch.Generator().manual_seed(args.seed)
+    calls = len(range(0, args.trajectories, 256)) * len(
+        set(spaced_timesteps(scheduler, TEACHER_STEPS, "logsnr")) | set(keep))
+    with tqdm(total=calls, desc="teacher's trajectories", unit="eval", leave=False) as bar:
+        trajectories, classes = teacher_trajectories(teacher, args.trajectories, keep, generator,
+                                                     progress=bar.update)
+    teacher.model = None                                # (its weights' digest stays, for the student's file)
+    step, seconds_before = (state["step"], state["seconds"]) if state is not None else (0, 0.0)
+    if state is not None:
+        set_rng_state(state["rng"], generator)
+    launch_seconds = time.perf_counter() - began
+    last_save = time.perf_counter()
+    with tqdm(total=round(budget), initial=round(launch_seconds), desc="distilling", unit="s", leave=False,
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
+        while launch_seconds < budget and stop.signum is None:
+            index = torch.randint(args.trajectories, (args.batch_size,), generator=generator)
+            jump_index = torch.randint(len(jumps), (args.batch_size,), generator=generator)
+            loss = distil_loss(student, scheduler, trajectories, classes, jumps, index, jump_index, precision,
+                               STUDENT_ALPHA_MIN)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            launch_seconds = time.perf_counter() - began
+            bar.set_postfix_str(f"step {step}, loss {loss.item():.4f}", refresh=False)
+            bar.update(min(round(launch_seconds), round(budget)) - bar.n)
+            if time.perf_counter() - last_save >= SAVE_EVERY:
+                save(path, teacher, student, optimizer, step, seconds_before + launch_seconds, generator, args)
+                last_save = time.perf_counter()
+    try:
+        save(path, teacher, student, optimizer, step, seconds_before + time.perf_counter() - began, generator, args)
+    except CheckpointError as e:
+        fail(e)
+    stop.ignore_further()
+    minutes = (time.perf_counter() - began) / 60
+    where = "" if args.out_dir == DEFAULT_OUT_DIR else f" --ckpt {os.path.join(args.out_dir, CKPT_NAME)}"
+    print(f"distilled {step} steps in {minutes:.1f} minutes: wrote {path}; sample with python sampling.py{where} "
+          f"--steps 1 (or 2, 4)")
+    if stop.signum is not None:
+        raise SystemExit(stop.exit_code())
+
+
+if __name__ == "__main__":
+    main()
