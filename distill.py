@@ -211,16 +211,22 @@ def main(argv=None):
     generator = torch.Generator().manual_seed(args.seed)
     calls = len(range(0, args.trajectories, 256)) * len(
         set(spaced_timesteps(scheduler, TEACHER_STEPS, "logsnr")) | set(keep))
+    def progress():
+        bar.update()
+        if stop.signum is not None:             # nothing to save yet: a student file there stays as it was
+            raise SystemExit(stop.exit_code())
+
     with tqdm(total=calls, desc="teacher's trajectories", unit="eval", leave=False) as bar:
         trajectories, classes = teacher_trajectories(teacher, args.trajectories, keep, generator,
-                                                     progress=bar.update)
+                                                     progress=progress)
     teacher.model = None                                # (its weights' digest stays, for the student's file)
     step, seconds_before = (state["step"], state["seconds"]) if state is not None else (0, 0.0)
     if state is not None:
         set_rng_state(state["rng"], generator)
     launch_seconds = time.perf_counter() - began
     last_save = time.perf_counter()
-    with tqdm(total=round(budget), initial=round(launch_seconds), desc="distilling", unit="s", leave=False,
+    with tqdm(total=round(budget), initial=min(round(launch_seconds), round(budget)), desc="distilling", unit="s",
+              leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
         while launch_seconds < budget and stop.signum is None:
             index = torch.randint(args.trajectories, (args.batch_size,), generator=generator)

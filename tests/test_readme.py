@@ -36,7 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 REFERENCE = os.path.join(ROOT, "docs", "reference.md")
-SCRIPTS = ("training", "sampling", "evaluate", "visualize", "benchmark", "export")
+SCRIPTS = ("training", "sampling", "distill", "evaluate", "visualize", "benchmark", "export")
 SCRIPT_NAME = re.compile(r"\b(" + "|".join(SCRIPTS) + r")\.py\b")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 OPTION = re.compile(r"`(--?[A-Za-z0-9][A-Za-z0-9-]*)")      # the option at the start of a backtick span
