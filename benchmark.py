@@ -13,8 +13,8 @@ printed), training images/s and the fraction of the better of the two matmul pea
 FLOPs are counted as 3x the forward pass), and the seconds for --num-samples images with T DDPM steps
 (timed over --ddpm-steps steps and scaled to T, as the label says), 50 DDIM steps and 20 DPM-Solver++ steps
 (timed in full), the fit of the 5-step walk to the model (samplers.walk_of), what `sampling.py --steps 5` and
-`--steps 10` draw (samplers.STEPS_SAMPLER) and what `--steps 1`, `2` and `4` draw with a distilled student
-(distill.py); and peak memory (RSS on the CPU, allocated on a GPU).
+`--steps 10` draw (samplers.STEPS_SAMPLER) and a distilled student (distill.py) at 1, 2 and 4 evaluations; and
+peak memory (RSS on the CPU, allocated on a GPU).
 """
 import argparse
 import json
@@ -141,9 +141,9 @@ def few_step_seconds(model, scheduler, device, precision, n):
 
 
 def student_seconds(model, model_kwargs, scheduler, device, precision, layout, n):
-    """{steps: seconds for n images} of a student (distill.py) of this model at each step count it serves: the
-    model's weights with the jump input added (unet.UNet(jump=True)), drawn by generate as `sampling.py --steps`
-    draws them, after one untimed run."""
+    """{steps: seconds for n images} of a student (distill.py) of this model at each step count it is distilled for:
+    the model's weights with the jump input added (unet.UNet(jump=True)), drawn by generate as `sampling.py --sampler
+    student --steps N` draws them, after one untimed run."""
     student = UNet(**model_kwargs, jump=True).to(device)
     student.load_state_dict(model.state_dict(), strict=False)
     student.to(memory_format=layout).eval()
@@ -151,10 +151,10 @@ def student_seconds(model, model_kwargs, scheduler, device, precision, layout, n
                         distill={"guidance_scale": DEFAULT_GUIDANCE})
     runs = {}
     for steps in STUDENT_STEPS:
-        generate(pipeline, n, batch_size=n, steps=steps, progress=False)
+        generate(pipeline, n, batch_size=n, sampler="student", steps=steps, progress=False)
         synchronize(device)
         start = time.perf_counter()
-        generate(pipeline, n, batch_size=n, steps=steps, progress=False)
+        generate(pipeline, n, batch_size=n, sampler="student", steps=steps, progress=False)
         synchronize(device)
         runs[steps] = time.perf_counter() - start
     return runs
@@ -303,7 +303,7 @@ def print_table(result, args, T, flops, peak_bf16, peak_fp32):
             (f"fitting {STEPS_SAMPLER}'s 5-step walk to the model", f"{r['fit_seconds']:.1f} s (once per model)"),
             (f"{args.num_samples} samples, --steps 5 ({STEPS_SAMPLER})", f"{r['steps_5_seconds']:.2f} s"),
             (f"{args.num_samples} samples, --steps 10 ({STEPS_SAMPLER})", f"{r['steps_10_seconds']:.2f} s"),
-            *[(f"{args.num_samples} samples, --steps {k} (a distilled student)", f"{seconds:.3f} s")
+            *[(f"{args.num_samples} samples, a distilled student, {k} evaluation{'s' * (k > 1)}", f"{seconds:.3f} s")
               for k, seconds in r["student_seconds"].items()],
         ]
         print(f"--precision {option}")

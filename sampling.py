@@ -36,7 +36,6 @@ from samplers import (
     SAMPLERS,
     STEPS_SAMPLER,
     STUDENT_ONLY_BELOW,
-    STUDENT_STEPS,
     network_eps,
     sampler_label,
     sampler_timesteps,
@@ -224,13 +223,14 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, ste
 
 
 def sampler_for(pipeline, sampler, steps):
-    """(sampler, steps) that generate() draws with: `steps` alone asks for the student where the model has one and
-    it serves that many (STUDENT_STEPS), else STEPS_SAMPLER; nothing at all for the paper's DDPM.  NoStudent for one
-    or two evaluations, or --sampler student, without a student of these weights."""
-    if sampler is None and steps is not None:
-        sampler = "student" if pipeline.student is not None and steps in STUDENT_STEPS else STEPS_SAMPLER
+    """(sampler, steps) that generate() draws with: `steps` alone asks for the student below STUDENT_ONLY_BELOW
+    evaluations (one and two), else for STEPS_SAMPLER; nothing at all for the paper's DDPM.  NoStudent for one or two
+    evaluations, or --sampler student, without a student of these weights."""
+    alone = sampler is None and steps is not None
+    if alone:
+        sampler = "student" if pipeline.student is not None and steps < STUDENT_ONLY_BELOW else STEPS_SAMPLER
     sampler = sampler or "ddpm"
-    if pipeline.student is None and (sampler == "student" or sampler == STEPS_SAMPLER and steps < STUDENT_ONLY_BELOW):
+    if pipeline.student is None and (sampler == "student" or alone and steps < STUDENT_ONLY_BELOW):
         raise NoStudent(pipeline.no_student or "this model has no student for one or two network evaluations; "
                                                "distil one with: python distill.py")
     if sampler != "ddpm" and steps is None:

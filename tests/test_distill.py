@@ -105,7 +105,7 @@ def student_state(teacher, teacher_digest):
             "distill": {"guidance_scale": 1.0, "minutes": 0.1}}
 
 
-def test_without_a_student_one_or_two_evaluations_name_the_command_and_four_fall_back():
+def test_without_a_student_one_or_two_evaluations_name_the_command_and_four_is_unipc():
     pipeline = add_student(pipeline_of(noisy_teacher()), None)
     for steps in (1, 2):
         with pytest.raises(NoStudent, match="python distill.py"):
@@ -117,6 +117,7 @@ def test_without_a_student_one_or_two_evaluations_name_the_command_and_four_fall
     assert sampler_for(pipeline, None, 4) == ("unipc", 4)
     assert sampler_for(pipeline, None, None) == ("ddpm", None)
     assert sampler_for(pipeline, "dpm++", 1) == ("dpm++", 1)      # a sampler asked for by name is drawn
+    assert sampler_for(pipeline, "unipc", 2) == ("unipc", 2)
 
 
 def test_a_student_of_other_weights_is_never_used():
@@ -133,13 +134,13 @@ def test_a_student_of_these_weights_serves_one_two_and_four_evaluations():
     pipeline = add_student(pipeline, student_state(teacher, pipeline.weights))
     assert pipeline.student is not None
     for steps in (1, 2, 4):
-        assert sampler_for(pipeline, None, steps) == ("student", steps)
+        assert sampler_for(pipeline, None if steps < 4 else "student", steps) == ("student", steps)
         calls = []
-        images, labels = generate(pipeline, 3, steps=steps, progress=False,
+        images, labels = generate(pipeline, 3, sampler="student", steps=steps, progress=False,
                                   callback=lambda t, x, x0: calls.append(t))
         assert images.shape == (3, 1, 28, 28) and images.dtype == torch.uint8
         assert calls == student_timesteps(pipeline.scheduler, steps)       # one evaluation per timestep
-    assert sampler_for(pipeline, None, 5) == ("unipc", 5)
+    assert sampler_for(pipeline, None, 4) == ("unipc", 4) and sampler_for(pipeline, None, 5) == ("unipc", 5)
 
 
 # ---- the script, end to end ------------------------------------------------------------------------------------
