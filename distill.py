@@ -1,7 +1,8 @@
 """Distil a trained model into a student that draws images in one, two or four network evaluations.
 
     python distill.py                          # default/ddpm_ckpt.pth -> default/student.pth, in at most 8 minutes
-    python sampling.py --steps 1               # then one network evaluation per image (--steps 2, --steps 4)
+    python sampling.py --steps 1               # then one network evaluation per image (--steps 2; --sampler student
+                                               # --steps 4 for four)
     python distill.py --resume --max-minutes 5 # five minutes more on the same student
     python distill.py --out-dir runs/fm        # the model of another run folder
 
@@ -257,7 +258,7 @@ def main(argv=None):
     minutes = (time.perf_counter() - began) / 60
     where = "" if args.out_dir == DEFAULT_OUT_DIR else f" --ckpt {os.path.join(args.out_dir, CKPT_NAME)}"
     print(f"distilled {step} steps in {minutes:.1f} minutes: wrote {path}; sample with python sampling.py{where} "
-          f"--steps 1 (or 2, 4)")
+          f"--steps 1 (or --steps 2, or --sampler student --steps 4)")
     if stop.signum is not None:
         raise SystemExit(stop.exit_code())
 
