@@ -24,7 +24,15 @@ import time
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, checked_fit, read_student, read_weights, student_path, weights_digest
+from checkpoint import (
+    CheckpointError,
+    checked_fit,
+    is_safetensors,
+    read_student,
+    read_weights,
+    student_path,
+    weights_digest,
+)
 from cli import add_device_options, fail, first_line, int_list, logger, positive_int, show_log
 from dataset import to_uint8
 from hardware import LAYOUT_NAMES, autocast, choose_speed, compile_for_sampling, memory_format, pick_device
@@ -139,7 +147,7 @@ def add_student(pipeline, state):
     """The pipeline with the student of `state` (checkpoint.read_student) if it was distilled from the pipeline's
     weights; otherwise pipeline.no_student says why there is none, and names the command that makes one."""
     path = pipeline.source
-    where = student_path(path) if state is None or not path.endswith(".safetensors") else path
+    where = path if state is not None and is_safetensors(path) else student_path(path)
     folder = os.path.dirname(path) or "."
     command = "python distill.py" + ("" if os.path.abspath(folder) == os.path.abspath(DEFAULT_OUT_DIR)
                                      else f" --out-dir {folder}")
