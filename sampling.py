@@ -151,11 +151,13 @@ def add_student(pipeline, state):
     folder = os.path.dirname(path) or "."
     command = "python distill.py" + ("" if os.path.abspath(folder) == os.path.abspath(DEFAULT_OUT_DIR)
                                      else f" --out-dir {folder}")
+    if is_safetensors(path):    # an exported file: a student is distilled in the run folder, then exported with it
+        command = "python distill.py --out-dir RUN_FOLDER on the run folder it came from, then python export.py again"
     if state is None:
         pipeline.no_student = f"{path} has no student for one or two network evaluations; distil one with: {command}"
     elif state["teacher"] != pipeline.weights:
         pipeline.no_student = (f"the student in {where} was distilled from other weights than those in {path}, so it "
-                               f"is not used; distil again with: {command} --overwrite")
+                               f"is not used; distil again with: {command.replace('.py', '.py --overwrite', 1)}")
     else:
         try:
             student = UNet(**model_config(state["config"] if "config" in state else pipeline.config), jump=True)

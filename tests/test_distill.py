@@ -120,6 +120,15 @@ def test_without_a_student_one_or_two_evaluations_name_the_command_and_four_is_u
     assert sampler_for(pipeline, "unipc", 2) == ("unipc", 2)
 
 
+def test_an_exported_file_without_a_student_says_to_distil_the_run_folder_and_export_again():
+    pipeline = add_student(pipeline_of(noisy_teacher(), "fm.safetensors"), None)
+    with pytest.raises(NoStudent, match="--out-dir RUN_FOLDER .* then python export.py again"):
+        sampler_for(pipeline, None, 1)
+    other = add_student(pipeline_of(noisy_teacher(), "runs/fm/ddpm_ckpt.pth"), None)
+    with pytest.raises(NoStudent, match=r"python distill.py --out-dir runs/fm$"):
+        sampler_for(other, None, 1)
+
+
 def test_a_student_of_other_weights_is_never_used():
     teacher = noisy_teacher()
     pipeline = add_student(pipeline_of(teacher), student_state(teacher, "0" * 64))
