@@ -46,8 +46,7 @@ from unet import UNet
 from visualize import save_grid
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
-# batch_size 64 and warmup_steps 50: on real MNIST digits a step of 64 images taught nearly as much as one of 128,
-# in half the time, so 15 CPU minutes gave a third of the FID (docs/experiments.md, Batch 64 on real MNIST).
+# Batch 64: on real MNIST a step of 64 taught about what 128 did, in half the time (docs/experiments.md, Batch 64).
 # min_snr_gamma is 20, not Hang et al.'s 5: the few-step samplers gained with either, but with 5 the 1000-step DDPM
 # came out 29% worse on Fashion-MNIST, with 20 within 7% of the paper's objective (docs/experiments.md, Min-SNR-20).
 DEFAULTS = dict(
