@@ -148,16 +148,12 @@ def add_student(pipeline, state):
     weights; otherwise pipeline.no_student says why there is none, and names the command that makes one."""
     path = pipeline.source
     where = path if state is not None and is_safetensors(path) else student_path(path)
-    folder = os.path.dirname(path) or "."
-    command = "python distill.py" + ("" if os.path.abspath(folder) == os.path.abspath(DEFAULT_OUT_DIR)
-                                     else f" --out-dir {folder}")
-    if is_safetensors(path):    # an exported file: a student is distilled in the run folder, then exported with it
-        command = "python distill.py --out-dir RUN_FOLDER on the run folder it came from, then python export.py again"
     if state is None:
-        pipeline.no_student = f"{path} has no student for one or two network evaluations; distil one with: {command}"
+        pipeline.no_student = (f"{path} has no student for one or two network evaluations; distil one with: "
+                               f"{distill_command(path)}")
     elif state["teacher"] != pipeline.weights:
         pipeline.no_student = (f"the student in {where} was distilled from other weights than those in {path}, so it "
-                               f"is not used; distil again with: {command.replace('.py', '.py --overwrite', 1)}")
+                               f"is not used; distil again with: {distill_command(path, '--overwrite ')}")
     else:
         try:
             student = UNet(**model_config(state["config"] if "config" in state else pipeline.config), jump=True)
@@ -167,6 +163,17 @@ def add_student(pipeline, state):
         pipeline.student = student.to(pipeline.device, memory_format=memory_format(pipeline.device)).eval()
         pipeline.distill = {**state["distill"], "file": where}
     return pipeline
+
+
+def distill_command(path, flags=""):
+    """The command that distils a student for the weights in `path`: distill.py on its run folder, or, for a file
+    export.py made, on the run folder it came from, followed by exporting it again."""
+    if is_safetensors(path):
+        return (f"python distill.py {flags}--out-dir RUN_FOLDER on the run folder it came from, "
+                "then python export.py again")
+    folder = os.path.dirname(path) or "."
+    same = os.path.abspath(folder) == os.path.abspath(DEFAULT_OUT_DIR)
+    return (f"python distill.py {flags}" + ("" if same else f"--out-dir {folder}")).rstrip()
 
 
 def choose_precision(pipeline, precision="auto", batch_size=100):
