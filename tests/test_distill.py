@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import STUDENT_NAME, CheckpointError, load_checkpoint, load_student, weights_digest
 from conftest import ROOT, run_script
-from distill import jump_target, student_jumps
+from distill import LR, WARMUP_STEPS, jump_target, learning_rate, student_jumps
 from noise_scheduler import make_scheduler
 from samplers import STUDENT_ALPHA_MIN, student_step, student_timesteps, student_x0
 from sampling import NoStudent, Pipeline, add_student, generate, load_model, read_model, sampler_for
@@ -41,6 +41,13 @@ def test_the_walks_are_nested_and_the_jumps_are_those_of_the_walks():
     assert student_jumps(scheduler) == [(999, 749), (999, 499), (999, -1), (749, 499), (499, 249), (499, -1),
                                         (249, -1)]
     assert student_timesteps(make_scheduler("linear", 50), 4) == [49, 37, 24, 12]
+
+
+def test_the_rate_warms_up_linearly_then_holds():
+    rates = [learning_rate(step, 1e-3) for step in range(2 * WARMUP_STEPS)]
+    assert rates[0] == pytest.approx(1e-3 / WARMUP_STEPS)
+    assert all(a < b for a, b in zip(rates[:WARMUP_STEPS], rates[1:WARMUP_STEPS]))
+    assert rates[WARMUP_STEPS - 1:] == [pytest.approx(1e-3)] * (WARMUP_STEPS + 1)
 
 
 @pytest.mark.parametrize("t, s", [(999, -1), (999, 499), (749, 499), (249, -1), (499, 249)])
@@ -172,6 +179,7 @@ def test_the_student_is_sealed_and_names_its_teachers_weights(distilled):
     assert state["teacher"] == weights_digest(load_checkpoint(str(distilled / "ddpm_ckpt.pth"))["ema"])
     assert state["step"] > 0 and 0 < state["seconds"] < 60
     assert state["distill"]["steps"] == [1, 2, 4]
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(learning_rate(state["step"] - 1, LR))
     damaged = distilled.parent / "damaged"
     damaged.mkdir(exist_ok=True)
     shutil.copy(distilled / "ddpm_ckpt.pth", damaged / "ddpm_ckpt.pth")
