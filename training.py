@@ -46,9 +46,8 @@ from unet import UNet
 from visualize import save_grid
 
 # The one source of truth for defaults.  Everything here is saved in the checkpoint.
-# Batch 64: on real MNIST a step of 64 taught about what 128 did, in half the time (docs/experiments.md, Batch 64).
-# lr 2e-3: on real MNIST and Fashion-MNIST 15 minutes scored better than with 1e-3 (docs/experiments.md, Learning rate
-# 2e-3).
+# Batch 64: on real MNIST a step of 64 taught about what 128 did, in half the time (docs/experiments.md, Batch 64);
+# lr 2e-3 beat 1e-3 after 15 minutes on real MNIST and Fashion-MNIST (docs/experiments.md, Learning rate 2e-3).
 # min_snr_gamma is 20, not Hang et al.'s 5: the few-step samplers gained with either, but with 5 the 1000-step DDPM
 # came out 29% worse on Fashion-MNIST, with 20 within 7% of the paper's objective (docs/experiments.md, Min-SNR-20).
 DEFAULTS = dict(
@@ -69,9 +68,8 @@ RUN_KEYS = ("dataset", "image_size", "batch_size", "lr", "warmup_steps", "seed",
             "lr_schedule", "loss", "min_snr_gamma", "prediction", "timestep_sampling", "adam_beta2")
 PREVIEW_SHARE = 30           # an epoch's sample grid waits until training has taken 30x the time the last grid took
 STEP_LOG_EVERY = 50          # loss_steps.csv gets the mean loss of every 50 steps: a curve even for short runs
-# One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on
-# a 2-core AMD EPYC (docs/experiments.md, Speed and memory): every 5 minutes that is 0.03% of the run, and a
-# SIGKILL loses at most 5 minutes.
+# One save of the default model's checkpoint (18 MB, with the fsyncs) took 0.08 s (median of 20, at most 0.12 s) on a
+# 2-core AMD EPYC (docs/experiments.md, Speed and memory): every 5 minutes is 0.03% of the run; SIGKILL loses 5 at most.
 SAVE_EVERY_MINUTES = 5.0
 # --fid-every: FID of FID_SAMPLES images drawn by samplers.FID_SAMPLER from the EMA weights in fp32 with seed FID_SEED,
 # against the test split, with the self-trained classifier's features: what `evaluate.py --sampler restart --steps
