@@ -56,7 +56,7 @@ TRAJECTORIES = 512
 BATCH_SIZE = 32
 LR = 1e-3
 # Adam's first steps move every weight by about the full rate whatever its gradient: at 1e-3 from the start, the first
-# step threw a student of the 30-minute MNIST model from a loss of 0.15 to 65 (docs/experiments.md).
+# step threw a student of the 30-minute MNIST model from a loss of 0.15 to 65 (docs/experiments.md, Distillation).
 WARMUP_STEPS = 50           # the rate rises linearly over these optimizer steps, as training's --warmup-steps
 SAVE_EVERY = 60.0           # seconds between saves
 
