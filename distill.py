@@ -49,15 +49,20 @@ from unet import UNet
 log = logger(__name__)
 DEFAULT_MINUTES = 8.0       # the whole run, the teacher's trajectories included
 TEACHER_STEPS = 24          # evaluations of the teacher's walk, besides the student's timesteps it must stop at
-# The teacher's trajectories the student learns from, the jumps per optimizer step and Adam's rate: of (1024, 128,
-# 2e-4), (512, 64, 5e-4) and (512, 32, 1e-3), the last scored best at 1, 2 and 4 evaluations on real MNIST digits
-# (docs/experiments.md, Distillation: one, two and four evaluations).
-TRAJECTORIES = 512
+# The jumps per optimizer step and Adam's rate: of (128, 2e-4), (64, 5e-4) and (32, 1e-3), the last scored best at 1,
+# 2 and 4 evaluations on real MNIST digits (docs/experiments.md, Distillation: one, two and four evaluations).
 BATCH_SIZE = 32
 LR = 1e-3
 # Adam's first steps move every weight by about the full rate whatever its gradient: at 1e-3 from the start, the first
 # step threw a student of the 30-minute MNIST model from a loss of 0.15 to 65 (docs/experiments.md, Distillation).
 WARMUP_STEPS = 50           # the rate rises linearly over these optimizer steps, as training's --warmup-steps
+# The teacher draws trajectories, TEACHER_BATCH at a time, for this share of --max-minutes (unless --trajectories N
+# says how many).  From 512 trajectories the student learnt those by heart: 2,048 (29% of 8 minutes) took its FID at
+# one evaluation from 189 to 50-54, and 4,096 (55%, a third fewer updates) scored 1.06 to 1.08 times 2,048's at one
+# evaluation, 0.86 to 0.89 at two and 0.68 to 0.75 at four (docs/experiments.md, Distillation).  A share, not a
+# number, so that a slower machine keeps minutes to learn in.
+TEACHER_SHARE = 0.55
+TEACHER_BATCH = 256
 SAVE_EVERY = 60.0           # seconds between saves
 
 
@@ -93,16 +98,20 @@ def jump_target(scheduler, x_t, t, x_s, s):
 
 
 @torch.inference_mode()
-def teacher_trajectories(pipeline, n, keep, generator, batch_size=256, progress=None):
-    """n trajectories of the teacher from x_T ~ N(0, I): ({t: x_t (n, C, H, W)} for t in `keep` and -1 (x_0), the
-    classes (n,) or None).  DPM-Solver++(2M) over TEACHER_STEPS timesteps evenly in log-SNR, and every one of `keep`."""
+def teacher_trajectories(pipeline, n, keep, generator, batch_size=TEACHER_BATCH, progress=None, until=None):
+    """Trajectories of the teacher from x_T ~ N(0, I): ({t: x_t (m, C, H, W)} for t in `keep` and -1 (x_0), the
+    classes (m,) or None).  DPM-Solver++(2M) over TEACHER_STEPS timesteps evenly in log-SNR, and every one of `keep`.
+    m = n; with n None, as many as it begins, batch_size at a time, before time.perf_counter() passes `until` (the
+    same seed draws the same first ones, so asking for that many again gives the same trajectories)."""
     model, scheduler, device = pipeline.model, pipeline.scheduler, pipeline.device
     walk = sorted(set(spaced_timesteps(scheduler, TEACHER_STEPS, "logsnr")) | set(keep), reverse=True)
     shape = (model.in_channels, model.image_size, model.image_size)
     kept = {t: [] for t in [*keep, -1]}
     classes = []
-    for first in range(0, n, batch_size):
-        b = min(batch_size, n - first)
+    drawn = 0
+    while (drawn < n) if n is not None else (drawn == 0 or time.perf_counter() < until):
+        b = batch_size if n is None else min(batch_size, n - drawn)
+        drawn += b
         x = torch.randn((b, *shape), generator=generator).to(device)
         labels = torch.randint(model.num_classes, (b,), generator=generator).to(device) if model.num_classes else None
         previous = None
@@ -145,8 +154,9 @@ def build_parser():
                    help=f"the whole run, the teacher's trajectories included (default {DEFAULT_MINUTES:g})")
     p.add_argument("--resume", action="store_true", help="go on distilling the student in the run folder")
     p.add_argument("--overwrite", action="store_true", help="replace the student in the run folder")
-    p.add_argument("--trajectories", type=positive_int, default=TRAJECTORIES,
-                   help=f"the teacher's trajectories to learn from (default {TRAJECTORIES})")
+    p.add_argument("--trajectories", type=positive_int,
+                   help=f"the teacher's trajectories to learn from (default: as many as it draws in "
+                        f"{TEACHER_SHARE:.0%} of --max-minutes; --resume: as many as before)")
     p.add_argument("--batch-size", type=positive_int, default=BATCH_SIZE,
                    help=f"jumps per optimizer step (default {BATCH_SIZE})")
     p.add_argument("--lr", type=positive_float, default=LR, help=f"Adam's learning rate (default {LR:g})")
@@ -197,14 +207,13 @@ def start(args, parser):
     return teacher, student, optimizer, precision, state
 
 
-def save(path, teacher, student, optimizer, step, seconds, generator, args):
-    """The student and all it needs to go on (checkpoint.STUDENT_FORMAT), sealed and written atomically."""
+def save(path, teacher, student, optimizer, step, seconds, generator, how):
+    """The student and all it needs to go on (checkpoint.STUDENT_FORMAT), sealed and written atomically; `how` it was
+    distilled goes into its "distill" entry, which sampling reads its alpha_min and guidance scale from."""
     save_checkpoint({
         "format": STUDENT_FORMAT, "config": teacher.config, "student": student.state_dict(), "teacher": teacher.weights,
-        "distill": {"steps": list(STUDENT_STEPS), "alpha_min": STUDENT_ALPHA_MIN, "guidance_scale": DEFAULT_GUIDANCE,
-                    "teacher_steps": TEACHER_STEPS, "trajectories": args.trajectories, "batch_size": args.batch_size,
-                    "lr": args.lr, "warmup_steps": WARMUP_STEPS, "seed": args.seed, "minutes": seconds / 60},
-        "optimizer": optimizer.state_dict(), "step": step, "seconds": seconds, "rng": rng_state(generator)}, path)
+        "distill": {**how, "minutes": seconds / 60}, "optimizer": optimizer.state_dict(), "step": step,
+        "seconds": seconds, "rng": rng_state(generator)}, path)
 
 
 def main(argv=None):
@@ -221,16 +230,25 @@ def main(argv=None):
     keep = sorted({t for t, _ in jumps}, reverse=True)
     # The same seed draws the same trajectories, so a resumed run learns from those it learnt from before.
     generator = torch.Generator().manual_seed(args.seed)
-    calls = len(range(0, args.trajectories, 256)) * len(
-        set(spaced_timesteps(scheduler, TEACHER_STEPS, "logsnr")) | set(keep))
+    # A resumed run draws as many as before; --trajectories N draws N; else the teacher draws for TEACHER_SHARE.
+    n = state["distill"]["trajectories"] if state is not None else args.trajectories
+    until = began + TEACHER_SHARE * budget if n is None else None
+    evaluations = len(set(spaced_timesteps(scheduler, TEACHER_STEPS, "logsnr")) | set(keep))
     def progress():
         bar.update()
         if stop.signum is not None:             # nothing to save yet: a student file there stays as it was
             raise SystemExit(stop.exit_code())
 
-    with tqdm(total=calls, desc="teacher's trajectories", unit="eval", leave=False) as bar:
-        trajectories, classes = teacher_trajectories(teacher, args.trajectories, keep, generator,
-                                                     progress=progress)
+    with tqdm(total=None if n is None else len(range(0, n, TEACHER_BATCH)) * evaluations, desc="teacher's trajectories",
+              unit="eval", leave=False) as bar:
+        trajectories, classes = teacher_trajectories(teacher, n, keep, generator, progress=progress, until=until)
+    n = len(trajectories[-1])
+    # A resumed student goes on reading its x_0 as it was distilled to (samplers.student_x0).
+    alpha_min = state["distill"]["alpha_min"] if state is not None else STUDENT_ALPHA_MIN
+    how = {"steps": list(STUDENT_STEPS), "alpha_min": alpha_min, "guidance_scale": DEFAULT_GUIDANCE,
+           "teacher_steps": TEACHER_STEPS, "trajectories": n, "batch_size": args.batch_size, "lr": args.lr,
+           "warmup_steps": WARMUP_STEPS, "seed": args.seed}
+    log.info(f"the teacher drew {n} trajectories in {time.perf_counter() - began:.0f} s")
     teacher.model = None                                # (its weights' digest stays, for the student's file)
     step, seconds_before = (state["step"], state["seconds"]) if state is not None else (0, 0.0)
     if state is not None:
@@ -241,10 +259,10 @@ def main(argv=None):
               leave=False,
               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}") as bar:
         while launch_seconds < budget and stop.signum is None:
-            index = torch.randint(args.trajectories, (args.batch_size,), generator=generator)
+            index = torch.randint(n, (args.batch_size,), generator=generator)
             jump_index = torch.randint(len(jumps), (args.batch_size,), generator=generator)
             loss = distil_loss(student, scheduler, trajectories, classes, jumps, index, jump_index, precision,
-                               STUDENT_ALPHA_MIN)
+                               alpha_min)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for group in optimizer.param_groups:
@@ -255,13 +273,13 @@ def main(argv=None):
             bar.set_postfix_str(f"step {step}, loss {loss.item():.4f}", refresh=False)
             bar.update(min(round(launch_seconds), round(budget)) - bar.n)
             if time.perf_counter() - last_save >= SAVE_EVERY:
-                save(path, teacher, student, optimizer, step, seconds_before + launch_seconds, generator, args)
+                save(path, teacher, student, optimizer, step, seconds_before + launch_seconds, generator, how)
                 last_save = time.perf_counter()
     if state is None and step == 0 and stop.signum is None:
         fail(f"--max-minutes {args.max_minutes:g} ran out while the teacher drew its trajectories, before the student "
              f"took a step; give it more minutes (nothing was written)")
     try:
-        save(path, teacher, student, optimizer, step, seconds_before + time.perf_counter() - began, generator, args)
+        save(path, teacher, student, optimizer, step, seconds_before + time.perf_counter() - began, generator, how)
     except CheckpointError as e:
         fail(e)
     stop.ignore_further()

@@ -34,8 +34,8 @@ DEFAULT_STEPS = {"ddim": 50, "dpm++": 20, "dpm++sde": 20, "restart": 20, "fitted
 # eleven settings at 20 evaluations (docs/experiments.md, Restart 20): wider intervals than 0.1..0.4 corrected
 # more of the ODE's drift.
 RESTART = dict(sigma_min=0.2, sigma_max=1.5, restarts=2, restart_steps=3)
-# The recommended fast sampler: the best worst case over the datasets measured (docs/experiments.md).  training.py
-# --fid-every measures with it; change it here.
+# Restart's 20 evaluations: what training.py --fid-every measures with (so that training curves compare across runs)
+# and the reference walk that fit_walk_power fits the few-step walks to.  The README recommends --steps 10.
 FID_SAMPLER = ("restart", 20)
 LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced evenly in log-SNR rather than in t
 # --steps N without --sampler: UniPC, on a walk fitted to the model below WALK_FIT_BELOW evaluations, with one of
@@ -44,6 +44,17 @@ LOGSNR_FROM = 26     # DPM-Solver++ steps from which the timesteps are spaced ev
 # training seeds), its worst sample seed scored 0.64 to 1.13 times the fitted sampler's (lower on six) and 0.85 to
 # 1.16 times DPM-Solver++(2M)'s (docs/experiments.md: UniPC, the five-step sampler).
 STEPS_SAMPLER = "unipc"
+# The step counts a student is distilled for (--sampler student --steps N), and below which `--steps N` alone draws
+# with it: there nothing else is usable (3 evaluations scored 2.3 to 3.4 times the DDPM), while at 4 UniPC's fitted
+# walk has the better worst case over MNIST and Fashion-MNIST (20.9 against the student's 29.6; docs/experiments.md,
+# Distillation).
+STUDENT_STEPS = (1, 2, 4)
+STUDENT_ONLY_BELOW = 3
+# A student reads its x_0 from its output as its teacher does, but divides by alpha_t no less than this (student_x0).
+# At 1 it never divides: most of the speckle in the one-step student's images went, and its FID (sample seed 0) fell
+# from 53.5 to 42.7 at one evaluation, 29.8 to 28.3 at two and 22.1 to 17.0 at four against 0.05 (docs/experiments.md,
+# Distillation).  A student keeps the value it was distilled with in its file, and sampling reads it from there.
+STUDENT_ALPHA_MIN = 1.0
 
 
 SAMPLER_NAMES = {"ddim": "DDIM", "dpm++": "DPM-Solver++(2M)", "dpm++sde": "SDE-DPM-Solver++(2M)",
@@ -130,7 +141,7 @@ def network_eps(model, scheduler, x, t, labels=None, guidance_scale=1.0):
 
 @torch.no_grad()
 def walk(model, scheduler, x, sampler, timesteps, *, generator=None, eta=0.0, labels=None, guidance_scale=1.0,
-         callback=None, progress=False, analytic_first_step=False, first_eps=None):
+         callback=None, progress=False, analytic_first_step=False, first_eps=None, alpha_min=STUDENT_ALPHA_MIN):
     """The reverse process of a faster sampler from x = x_T (B, C, H, W) along `timesteps` (walk_of); returns the
     last x, float32, unclipped.  Runs in the caller's precision (autocast) and inference mode (sampling.sample).
 
@@ -143,7 +154,8 @@ def walk(model, scheduler, x, sampler, timesteps, *, generator=None, eta=0.0, la
     asking the network (AFS, Dockhorn et al., 2022 / Zhou et al., 2024: at t = T-1, x_T = alpha x_0 + sigma eps with
     alpha < 0.01, so eps is x_T up to that), which saves one evaluation.  first_eps: the network's noise at the
     first timestep for this x_T, if it is known already (the walk fit draws four walks from the same noise): it
-    replaces the first evaluation, with the same result.  callback(t, x_t, x0_pred) after every evaluation."""
+    replaces the first evaluation, with the same result.  "student": `model` is a student (distill.py), which reads
+    its x_0 with the alpha_min it was distilled with (student_x0).  callback(t, x_t, x0_pred) after every evaluation."""
     x0, previous, corrector = x, None, None
     lands = sampler == "unipc"             # the walk's last timestep, 0, is reached but not evaluated
     evaluations = len(timesteps) - int(analytic_first_step) - int(lands)
@@ -159,7 +171,7 @@ def walk(model, scheduler, x, sampler, timesteps, *, generator=None, eta=0.0, la
             break
         tt = torch.full((len(x),), t, dtype=torch.long, device=x.device)
         if sampler == "student":                                          # `model` is the student
-            x, x0 = student_step(model, scheduler, x, t, t_prev, labels)
+            x, x0 = student_step(model, scheduler, x, t, t_prev, labels, alpha_min)
             if callback is not None:
                 callback(t, x, x0)
             continue
@@ -318,7 +330,7 @@ def unipc_timesteps(scheduler, steps, power=1.0):
 def fit_walk_power(pipeline, steps, samples=None, seed=WALK_FIT_SEED, progress=True):
     """The walk of UniPC's `steps` evaluations (unipc_timesteps) for this model, from WALK_POWERS: the evenest (the
     smallest power; EDM's spacing, "karras", counts as less even than every power) whose images are nearest those of
-    the 20-step Restart sampler (the README's fast sampler), drawn from the same noise, up to a tolerance.  The
+    the 20-step Restart sampler (FID_SAMPLER), drawn from the same noise, up to a tolerance.  The
     distance is FID's (Heusel et al., 2017), the Frechet distance between Gaussians fitted to features of the two
     sets of images, in the features the network itself computes (UNet.features at t = 0): no data and no other
     network are needed.  The tolerance is WALK_FIT_TOLERANCE times the same distance between the two halves of the
@@ -392,15 +404,6 @@ def walk_power(pipeline, steps, progress=False):
 
 
 # ---- the distilled student (distill.py): one network evaluation per step, for few steps -----------------------
-# The step counts a student is distilled for (--sampler student --steps N), and below which `--steps N` alone draws
-# with it: there nothing else is usable (3 evaluations scored 2.3 to 3.4 times the DDPM), while at 4 UniPC's walk
-# scored 21.3 against the student's 58.6 on a 972-step MNIST model (docs/experiments.md, Distillation).
-STUDENT_STEPS = (1, 2, 4)
-STUDENT_ONLY_BELOW = 3
-# A student reads its x_0 from its output as its teacher does, but divides by alpha_t no less than this (student_x0).
-STUDENT_ALPHA_MIN = 0.05
-
-
 def student_timesteps(scheduler, steps):
     """The timesteps of a `steps`-evaluation student, evenly spaced in t from T-1: T = 1000 gives [999] for one,
     [999, 499] for two and [999, 749, 499, 249] for four evaluations, each step landing on the next timestep and
@@ -415,9 +418,11 @@ def student_timesteps(scheduler, steps):
 def student_x0(scheduler, output, x_t, t, alpha_min=STUDENT_ALPHA_MIN):
     """The student's x_0 at (x_t, t), t a (B,) tensor: its output read as its teacher's is (scheduler.to_eps), then
         x_0 = (x_t - sigma_t eps) / max(alpha_t, alpha_min)
-    which is eq. 4 inverted (the teacher's own x_0) wherever alpha_t >= alpha_min.  Nearer pure noise the teacher's
-    x_0 divides its noise by alpha_t (1 / 157 at T-1): a student whose one step must land on a sharp image from
-    there could not be that precise, so it learns to say x_0 in eps's units there, scaled by at most 1 / alpha_min."""
+    which is eq. 4 inverted (the teacher's own x_0) wherever alpha_t >= alpha_min.  Near pure noise the teacher's x_0
+    divides by alpha_t (1 / 157 at T-1), so an error of 0.01 in eps becomes one of 1.6 in x_0, whose range is
+    [-1, 1]: a student whose one step must land on a sharp image from there cannot be that precise.  With alpha_min
+    = 1 (the default) it never divides, x_0 = x_t - sigma_t eps, so an error in eps is one of at most as much in
+    x_0; the student learns the scale that its teacher's division gave."""
     eps = scheduler.to_eps(output, x_t, t)
     alpha = scheduler.sqrt_alphas_cumprod[t].view(-1, *[1] * (x_t.dim() - 1))
     sigma = scheduler.sqrt_one_minus_alphas_cumprod[t].view(-1, *[1] * (x_t.dim() - 1))

@@ -216,6 +216,8 @@ def generate(pipeline, num_samples, *, seed=0, batch_size=100, sampler=None, ste
         model, guidance_scale = pipeline.student, pipeline.distill["guidance_scale"]
     timesteps, afs = walk_of(pipeline, sampler, steps, progress)          # the samplers' room, once
     faster = {} if sampler == "ddpm" else dict(timesteps=timesteps, eta=eta, analytic_first_step=afs)
+    if sampler == "student":
+        faster["alpha_min"] = pipeline.distill["alpha_min"]           # as it was distilled (samplers.student_x0)
     generator = torch.Generator(device=device).manual_seed(seed)
     images, requested = [], []
     with tqdm(total=len(timesteps) * math.ceil(num_samples / batch_size), desc=f"{sampler} sampling", unit="step",

@@ -13,7 +13,7 @@ import torch
 
 from checkpoint import STUDENT_NAME, CheckpointError, load_checkpoint, load_student, weights_digest
 from conftest import ROOT, run_script
-from distill import LR, WARMUP_STEPS, jump_target, learning_rate, student_jumps
+from distill import LR, WARMUP_STEPS, jump_target, learning_rate, student_jumps, teacher_trajectories
 from noise_scheduler import make_scheduler
 from samplers import STUDENT_ALPHA_MIN, student_step, student_timesteps, student_x0
 from sampling import NoStudent, Pipeline, add_student, generate, load_model, read_model, sampler_for
@@ -60,7 +60,7 @@ def test_the_target_is_the_x0_whose_ddim_step_lands_on_the_teachers_point(t, s):
     assert torch.allclose(target, x0, atol=2e-4)
 
 
-def test_a_new_student_is_its_teacher_above_alpha_min_and_bounded_below():
+def test_a_new_student_reads_its_teachers_noise_and_divides_by_alpha_min_at_least():
     scheduler = make_scheduler("linear", 1000)
     teacher = noisy_teacher()
     student = UNet(**TINY, jump=True)
@@ -68,19 +68,17 @@ def test_a_new_student_is_its_teacher_above_alpha_min_and_bounded_below():
     assert missing and all(k.startswith("jump_embedding.") for k in missing)
     x, y = torch.randn(3, 1, 28, 28), torch.arange(3)
     with torch.no_grad():
-        for t in (749, 499, 100):
-            assert float(scheduler.sqrt_alphas_cumprod[t]) >= STUDENT_ALPHA_MIN
+        for t in (999, 749, 499, 100):
             tt = torch.full((3,), t)
-            ours = student_x0(scheduler, student(x, tt, y, torch.full((3,), 249)), x, tt)
-            assert torch.allclose(ours, scheduler.predict_x0(x, tt, teacher(x, tt, y)), atol=1e-4)
-        # at T-1 the teacher's x_0 divides by alpha = 0.0064; the student's by alpha_min at least
-        tt = torch.full((3,), 999)
-        eps = teacher(x, tt, y)
-        ours = student_x0(scheduler, student(x, tt, y), x, tt)
-        sigma = scheduler.sqrt_one_minus_alphas_cumprod[999]
-        assert torch.allclose(ours, (x - sigma * eps) / STUDENT_ALPHA_MIN, atol=1e-4)
-        # a step of a new student to s is the teacher's DDIM step, whatever s is told
-        x_s, _ = student_step(student, scheduler, x, 499, 249, y)
+            eps = teacher(x, tt, y)
+            alpha, sigma = float(scheduler.sqrt_alphas_cumprod[t]), float(scheduler.sqrt_one_minus_alphas_cumprod[t])
+            for alpha_min in (0.05, STUDENT_ALPHA_MIN):
+                ours = student_x0(scheduler, student(x, tt, y, torch.full((3,), 249)), x, tt, alpha_min)
+                assert torch.allclose(ours, (x - sigma * eps) / max(alpha, alpha_min), atol=1e-4)
+                if alpha >= alpha_min:                                     # the teacher's own x_0 (eq. 4 inverted)
+                    assert torch.allclose(ours, scheduler.predict_x0(x, tt, eps), atol=1e-4)
+        # with alpha_min below alpha_t, a step of a new student to s is the teacher's DDIM step, whatever s is told
+        x_s, _ = student_step(student, scheduler, x, 499, 249, y, alpha_min=0.05)
         assert torch.allclose(x_s, ddim_step(scheduler, teacher(x, torch.full((3,), 499), y), 499, 249, x)[0],
                               atol=1e-4)
 
@@ -96,6 +94,22 @@ def test_the_jump_input_changes_a_trained_students_step():
     assert not torch.allclose(a, b)
 
 
+def test_the_teacher_draws_whole_batches_until_its_time_is_up_and_the_same_first_ones(monkeypatch):
+    pipeline = pipeline_of(noisy_teacher())
+    keep = [49, 24]
+    clock = iter(range(100))                        # a clock that moves on by one second each time it is read
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    timed, classes = teacher_trajectories(pipeline, None, keep, torch.Generator().manual_seed(1), batch_size=2,
+                                          until=2.5)   # the first batch, then three more read the clock at 0, 1, 2
+    counted, counted_classes = teacher_trajectories(pipeline, 9, keep, torch.Generator().manual_seed(1),
+                                                    batch_size=2)
+    assert sorted(timed) == sorted(counted) == [-1, 24, 49]
+    assert len(timed[-1]) == 8 and len(counted[-1]) == 9                     # whole batches, or n exactly
+    for t in timed:
+        assert torch.equal(timed[t], counted[t][:8])
+    assert torch.equal(classes, counted_classes[:8])
+    assert not torch.allclose(timed[-1], timed[49])                          # the walk went from x_T somewhere
+
 # ---- which sampler --steps asks for ----------------------------------------------------------------------------
 def pipeline_of(model, source="default/ddpm_ckpt.pth"):
     scheduler = make_scheduler("linear", 50)
@@ -104,12 +118,12 @@ def pipeline_of(model, source="default/ddpm_ckpt.pth"):
                     weights)
 
 
-def student_state(teacher, teacher_digest):
+def student_state(teacher, teacher_digest, alpha_min=STUDENT_ALPHA_MIN):
     student = UNet(**TINY, jump=True)
     student.load_state_dict(teacher.state_dict(), strict=False)
     config = {**TINY, "in_channels": 1, "image_size": 28, "dropout": 0.0, "num_heads": 4}
     return {"student": student.state_dict(), "teacher": teacher_digest, "config": config,
-            "distill": {"guidance_scale": 1.0, "minutes": 0.1}}
+            "distill": {"guidance_scale": 1.0, "alpha_min": alpha_min, "minutes": 0.1}}
 
 
 def test_without_a_student_one_or_two_evaluations_name_the_command_and_four_is_unipc():
@@ -158,6 +172,22 @@ def test_a_student_of_these_weights_serves_one_two_and_four_evaluations():
         assert calls == student_timesteps(pipeline.scheduler, steps)       # one evaluation per timestep
     assert sampler_for(pipeline, None, 4) == ("unipc", 4) and sampler_for(pipeline, None, 5) == ("unipc", 5)
 
+
+
+def test_a_student_is_read_with_the_alpha_min_it_was_distilled_with():
+    teacher = noisy_teacher()
+    drawn = {}
+    for alpha_min in (0.5, 1.0):          # (smaller ones clip this untrained student to black and white)
+        pipeline = pipeline_of(teacher)
+        pipeline = add_student(pipeline, student_state(teacher, pipeline.weights, alpha_min))
+        drawn[alpha_min], _ = generate(pipeline, 4, steps=1, seed=2, progress=False)
+        x_T = torch.randn((4, 1, 28, 28), generator=torch.Generator().manual_seed(2))
+        x0 = student_x0(pipeline.scheduler, pipeline.student(x_T, torch.full((4,), 49), torch.arange(4) // 10 % 10,
+                                                              torch.full((4,), -1)).detach(), x_T,
+                        torch.full((4,), 49), alpha_min)
+        expected = ((x0.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        assert (drawn[alpha_min].int() - expected.int()).abs().max() <= 1     # one grey level for rounding
+    assert not torch.equal(drawn[0.5], drawn[1.0])
 
 # ---- the script, end to end ------------------------------------------------------------------------------------
 DISTILL_QUICK = ["--max-minutes", "0.4", "--trajectories", "24", "--batch-size", "8", "--precision", "fp32"]
