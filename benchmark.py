@@ -35,7 +35,7 @@ from hardware import (
     synchronize,
 )
 from noise_scheduler import make_scheduler
-from samplers import DEFAULT_GUIDANCE, STEPS_SAMPLER, STUDENT_STEPS, predict_noise, walk_of
+from samplers import DEFAULT_GUIDANCE, STEPS_SAMPLER, STUDENT_ALPHA_MIN, STUDENT_STEPS, predict_noise, walk_of
 from sampling import Pipeline, generate, sample
 from training import DEFAULTS, diffusion_loss, loss_gamma, model_shape
 from unet import UNet, count_flops
@@ -148,7 +148,7 @@ def student_seconds(model, model_kwargs, scheduler, device, precision, layout, n
     student.load_state_dict(model.state_dict(), strict=False)
     student.to(memory_format=layout).eval()
     pipeline = Pipeline(model, scheduler, device, precision, student=student,
-                        distill={"guidance_scale": DEFAULT_GUIDANCE})
+                        distill={"guidance_scale": DEFAULT_GUIDANCE, "alpha_min": STUDENT_ALPHA_MIN})
     runs = {}
     for steps in STUDENT_STEPS:
         generate(pipeline, n, batch_size=n, sampler="student", steps=steps, progress=False)

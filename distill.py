@@ -10,8 +10,9 @@ The method follows Simple and Fast Distillation (Zhou et al., 2024): the student
 EMA weights) and is fine-tuned only on the steps it will take.  It is the teacher's U-Net with one more input, the
 timestep s that its step lands on (unet.UNet(jump=True), zero at first), so that one student serves 1, 2 and 4
 evaluations (samplers.student_timesteps: evenly in t, nested).
-1. The teacher draws trajectories: from x_T ~ N(0, I) and a class, DPM-Solver++(2M) in TEACHER_STEPS evaluations
-   (Lu et al., 2022b), and keeps x_t at every timestep of the student's walks and x_0 at the end.
+1. The teacher draws trajectories for TEACHER_SHARE of the minutes: from x_T ~ N(0, I) and a class, DPM-Solver++(2M)
+   in TEACHER_STEPS evaluations (Lu et al., 2022b), and keeps x_t at every timestep of the student's walks and x_0 at
+   the end.
 2. The student's step from x_t to s is DDIM's with its own x_0 (samplers.student_step, Song et al., 2021, eq. 12):
         x_s = alpha_s x_0 + sigma_s (x_t - alpha_t x_0) / sigma_t.
    The x_0 that lands on the teacher's x_s is that equation solved for x_0,
